@@ -1,0 +1,56 @@
+# -*- coding: utf-8 -*-
+"""Controller: compare every node with every other and with the lock; save the report; fail with the table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
+
+from llamafleet import parity
+from llamafleet.lock import resolve_dict
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        stack = resolve_dict(args["stack"])
+        order = list(args["nodes"])
+        found: dict[str, dict] = {}
+        # Later sources win: a fresh install's own probe over the inspection made before it.
+        for var in args["results_vars"]:
+            for host, res in host_results(task_vars, list(task_vars["ansible_play_hosts_all"]), var).items():
+                if not res.get("skipped") and "stack" in res:
+                    found[host] = res
+        for item in (args.get("others") or {}).get("results", []):
+            if "stack" in item:
+                found[item["item"]] = item
+        inspections = {h: found[h] for h in order if h in found}
+        report = parity.compare(stack, inspections, gpus=args.get("gpus") or {})
+        reports = Path(args["state_dir"]) / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = reports / f"parity-{stamp}.json"
+        data = report.to_dict()
+        data["inspections"] = {h: {"node": r.get("node"), "stack": r.get("stack")} for h, r in inspections.items()}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+        latest = reports / "parity-latest.json"
+        tmp_link = reports / f".latest.{os.getpid()}"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(path.name)
+        os.replace(tmp_link, latest)
+        result.update(changed=False, report=report.to_dict(), report_path=str(path))
+        if not report.ok:
+            result.update(failed=True, msg=report.format() + f"\nreport: {path}")
+        else:
+            result["msg"] = report.format().splitlines()[0] + f" (report: {path})"
+        return result

@@ -1,0 +1,48 @@
+# -*- coding: utf-8 -*-
+"""Controller: the inventory's nodes and the stack lock, checked together before any node is touched."""
+
+from __future__ import annotations
+
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
+
+from llamafleet import inventory, lock
+from llamafleet.errors import LlamafleetError
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        group = args.get("group", inventory.NODES_GROUP)
+        hosts = list(task_vars["groups"].get(group, []))
+        hostvars = {}
+        wanted = ("ansible_host", "ansible_port", "llamafleet_train_addr", "llamafleet_gpus", "llamafleet_master",
+                  "llamafleet_root", "llamafleet_cuda_visible_devices", "llamafleet_nccl_socket_ifname",
+                  "llamafleet_nccl_ib_disable")
+        for h in hosts:
+            hv = task_vars["hostvars"][h]
+            hostvars[h] = {k: self._templar.template(hv[k]) for k in wanted if k in hv}
+        problems = []
+        cluster = stack = None
+        try:
+            cluster = inventory.validate(hosts, hostvars)
+        except LlamafleetError as exc:
+            problems += exc.problems
+        try:
+            stack = lock.load_stack(args.get("lock_file") or None, args.get("flavor") or "cpu")
+        except LlamafleetError as exc:
+            problems += exc.problems
+        if problems:
+            result.update(failed=True, msg="invalid cluster definition:\n" + "\n".join(f"- {p}" for p in problems),
+                          problems=problems)
+            return result
+        python = args.get("python") or f"python{stack.python}"
+        result.update(changed=False, cluster=cluster.to_dict(), stack=stack.to_dict(), python=python,
+                      state_dir=str(state_dir(args.get("state_dir"))),
+                      gpus={n.name: n.gpus for n in cluster.nodes})
+        return result

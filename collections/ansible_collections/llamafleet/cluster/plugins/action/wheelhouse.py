@@ -1,0 +1,46 @@
+# -*- coding: utf-8 -*-
+"""Controller: build the offline wheelhouse for a lock once; nodes then install with --no-index from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401  (makes llamafleet importable)
+
+from llamafleet.lock import resolve_dict
+
+MARKER = ".llamafleet-complete"
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        stack = resolve_dict(args["stack"])
+        dest = Path(args["state_dir"]) / "wheelhouse" / stack.venv_name
+        result["path"] = str(dest)
+        if (dest / MARKER).is_file():
+            result["changed"] = False
+            return result
+        dest.mkdir(parents=True, exist_ok=True)
+        pip_args = list(args.get("pip_args") or stack.pip.args())
+        reqs = [r for phase in stack.requirements() for r in phase]
+        # Wheels for the nodes' platform; sdists (deepspeed) travel as sdists and are built on the node
+        # against its torch. --no-deps: the lock is the whole closure already.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--no-input", "-d", str(dest), *pip_args, *reqs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+            result.update(failed=True, msg=f"building the offline wheelhouse for {stack.lock_file} failed:\n{tail}")
+            return result
+        (dest / MARKER).write_text(stack.hash)
+        result["changed"] = True
+        return result

@@ -1,0 +1,37 @@
+# -*- coding: utf-8 -*-
+"""rsync command lines that reach a node the way Ansible does (same key, known_hosts, port, user)."""
+
+from __future__ import annotations
+
+import shlex
+
+
+def rsync_argv(hostvars, src, dest, delete=True):
+    """argv for `rsync` from the controller to the node described by ``hostvars``.
+
+    Host keys are checked exactly as Ansible's connection checks them: the node's
+    ansible_ssh_common_args (e.g. its UserKnownHostsFile) are passed to ssh unchanged.
+    """
+    argv = ["rsync", "-a", "--mkpath"]
+    if delete:
+        argv.append("--delete")
+    src = src.rstrip("/") + "/"
+    if hostvars.get("ansible_connection") == "local":
+        return argv + [src, dest.rstrip("/") + "/"]
+    ssh = ["ssh", "-o", "BatchMode=yes"]
+    if hostvars.get("ansible_port"):
+        ssh += ["-p", str(hostvars["ansible_port"])]
+    if hostvars.get("ansible_ssh_private_key_file"):
+        ssh += ["-i", str(hostvars["ansible_ssh_private_key_file"])]
+    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        if hostvars.get(key):
+            ssh += shlex.split(str(hostvars[key]))
+    user = hostvars.get("ansible_user")
+    host = hostvars.get("ansible_host") or hostvars["inventory_hostname"]
+    target = f"{user}@{host}" if user else host
+    return argv + ["-e", shlex.join(ssh), src, f"{target}:{dest.rstrip('/')}/"]
+
+
+class FilterModule:
+    def filters(self):
+        return {"rsync_argv": rsync_argv}

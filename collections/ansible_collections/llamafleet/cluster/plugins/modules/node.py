@@ -1,0 +1,366 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# One task per node per phase: inspect everything preflight and parity need, or build the stack venv.
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: node
+short_description: Inspect a llamafleet node, or build or repair its stack venv
+description:
+  - C(state=inspect) reads, and changes nothing. It reports the node's interpreter for the lock's Python,
+    free disk, clock, NVIDIA driver and GPUs, nvcc, and the stack venv's state with a probe run by the
+    venv's own Python.
+  - C(state=present) makes the venv at C(root)/stacks/C(venv_name) hold exactly the requirements. It
+    builds a missing or incomplete venv from scratch and removes it again when any step fails, so no
+    half-built venv is left. It repairs drift in a complete venv (reinstalls drifted pins, removes
+    packages the lock does not list). It does nothing when the venv already matches.
+version_added: "0.1.0"
+author: llamafleet developers
+options:
+  state:
+    description: C(inspect) or C(present).
+    type: str
+    choices: [inspect, present]
+    default: inspect
+  root:
+    description: The node's llamafleet root directory.
+    type: path
+    required: true
+  venv_name:
+    description: Name of the venv directory under C(root)/stacks; it holds the lock's content hash.
+    type: str
+    required: true
+  python:
+    description: Interpreter that builds the venv (a name looked up on PATH, or a path).
+    type: str
+    required: true
+  python_minor:
+    description: The major.minor version the lock asks for.
+    type: str
+    required: true
+  requirements:
+    description: Install phases, each a list of C(name==version). Later phases are built against earlier ones.
+    type: list
+    elements: list
+    default: []
+  pip_args:
+    description: Extra pip arguments that select the package sources.
+    type: list
+    elements: str
+    default: []
+  wheelhouse:
+    description: Directory of wheels on the node; when set, pip installs with C(--no-index) from it.
+    type: path
+  strip:
+    description: Site-packages globs to delete after install, per package.
+    type: dict
+    default: {}
+  smoke_imports:
+    description: Modules the new venv must import before it is kept.
+    type: list
+    elements: str
+    default: []
+  system_site_packages:
+    description: Let the venv see the interpreter's site-packages (torch_mode system).
+    type: bool
+    default: false
+  gpu_expected:
+    description: The stack is a CUDA one; ask torch for its NCCL version.
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+- name: Inspect the node
+  llamafleet.cluster.node:
+    root: /srv/llamafleet
+    venv_name: stack-0123456789ab
+    python: python3.11
+    python_minor: "3.11"
+"""
+
+RETURN = r"""
+node:
+  description: Interpreter, disk, clock, driver, GPUs and nvcc of the node.
+  returned: always
+  type: dict
+stack:
+  description: The venv's path, status (absent, incomplete, drift, ok), probe, drift and extras.
+  returned: always
+  type: dict
+"""
+
+import fcntl
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import (
+    gpu_facts,
+    nvcc_version,
+    probe_venv,
+    run,
+)
+
+MARKER = ".llamafleet-complete"
+# Installed by venv/ensurepip, not by the lock: never reported as extras.
+_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
+_CRED = re.compile(r"(://)[^/@\s]+@")
+
+
+def _canon(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _redact(text):
+    return _CRED.sub(r"\1***@", text)
+
+
+def _version_matches(pin, found):
+    """PEP 440 ==: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label matches it exactly."""
+    if found is None:
+        return False
+    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
+
+
+def _interpreter(name):
+    if os.path.isabs(name):
+        return name if os.access(name, os.X_OK) else None
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/bin", "/usr/bin", "/bin"])
+    return shutil.which(name, path=search)
+
+
+def _disk_free_gb(path):
+    p = path
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return round(st.f_bavail * st.f_frsize / 2**30, 2), p
+
+
+def _expected(requirements):
+    pins = {}
+    for phase in requirements:
+        for req in phase:
+            name, _, ver = req.partition("==")
+            pins[_canon(name)] = ver
+    return pins
+
+
+def _stack_state(p, venv):
+    """absent | incomplete | drift | ok, with the probe and what differs."""
+    state = {"path": venv, "status": "absent", "probe": None, "drift": [], "extras": [], "stripped_present": []}
+    if not os.path.isdir(venv):
+        return state
+    marker = os.path.join(venv, MARKER)
+    if not os.path.isfile(marker) or not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
+        state["status"] = "incomplete"
+        return state
+    probe = probe_venv(venv, p["gpu_expected"])
+    state["probe"] = probe
+    if "error" in probe:
+        state["status"] = "incomplete"
+        return state
+    if ".".join(probe["python"].split(".")[:2]) != p["python_minor"]:
+        state["status"] = "incomplete"
+        state["drift"].append("python %s (lock: %s)" % (probe["python"], p["python_minor"]))
+        return state
+    expected = _expected(p["requirements"])
+    installed = probe["packages"]
+    for name, pin in sorted(expected.items()):
+        if not _version_matches(pin, installed.get(name)):
+            state["drift"].append("%s==%s" % (name, pin))
+    local = set(probe.get("local_packages", installed))
+    state["extras"] = sorted(n for n in local if n not in expected and n not in _BASELINE)
+    for pkg, patterns in p["strip"].items():
+        for pattern in patterns:
+            state["stripped_present"] += glob.glob(os.path.join(probe["site_packages"], pattern))
+    if state["drift"] or state["extras"] or state["stripped_present"]:
+        state["status"] = "drift"
+    else:
+        state["status"] = "ok"
+    return state
+
+
+class InstallError(Exception):
+    pass
+
+
+def _pip(module, venv, args, what):
+    pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    rc, out, err = run(pip + args, timeout=3600)
+    if rc != 0:
+        text = _redact((out or "") + (err or ""))
+        missing = re.findall(r"No matching distribution found for (\S+)", text)
+        if missing:
+            raise InstallError("%s: %s is not available from this node's package source (%s). Fix the pin in "
+                               "the stack lock, or the index settings (stack_pip_index_url / the node's pip.conf)."
+                               % (what, ", ".join(missing), "offline wheelhouse" if "--no-index" in args else "pip index"))
+        tail = "\n".join(line for line in text.strip().splitlines()[-15:])
+        raise InstallError("%s failed (pip exit %s):\n%s" % (what, rc, tail))
+
+
+def _source_args(p):
+    if p["wheelhouse"]:
+        return ["--no-index", "--find-links", p["wheelhouse"]]
+    return list(p["pip_args"])
+
+
+def _install_phases(module, p, venv, reqs_list, force=False):
+    for i, phase in enumerate(reqs_list):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=venv, delete=False) as fh:
+            fh.write("\n".join(phase) + "\n")
+            reqfile = fh.name
+        args = ["install", "--no-deps", "--no-warn-script-location"] + _source_args(p) + ["-r", reqfile]
+        if i > 0:
+            args.insert(2, "--no-build-isolation")
+        if force:
+            args.insert(2, "--force-reinstall")
+        try:
+            _pip(module, venv, args, "installing phase %d of the stack (%d packages)" % (i + 1, len(phase)))
+        finally:
+            os.unlink(reqfile)
+
+
+def _strip(p, venv):
+    probe = probe_venv(venv, False)
+    removed = []
+    for pkg, patterns in p["strip"].items():
+        for pattern in patterns:
+            for f in glob.glob(os.path.join(probe["site_packages"], pattern)):
+                os.unlink(f)
+                removed.append(f)
+    return removed
+
+
+def _smoke(p, venv):
+    if not p["smoke_imports"]:
+        return
+    code = "; ".join("import %s" % m for m in p["smoke_imports"])
+    env = dict(os.environ, PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               MPLCONFIGDIR=os.path.join(venv, ".mplconfig"))
+    rc, out, err = run([os.path.join(venv, "bin", "python"), "-I", "-c", code], timeout=600, env=env)
+    if rc != 0:
+        raise InstallError("the new stack venv cannot import its own packages (%s):\n%s"
+                           % (", ".join(p["smoke_imports"]), "\n".join((err or out).strip().splitlines()[-8:])))
+
+
+def _point_current(stacks, venv_name):
+    """stacks/current -> the venv, replaced atomically so readers never see a missing link."""
+    tmp = os.path.join(stacks, ".current.%d" % os.getpid())
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(venv_name, tmp)
+    os.replace(tmp, os.path.join(stacks, "current"))
+
+
+def _build(module, p, venv, interpreter):
+    if os.path.lexists(venv):
+        shutil.rmtree(venv)
+    args = [interpreter, "-m", "venv"]
+    if p["system_site_packages"]:
+        args.append("--system-site-packages")
+    rc, out, err = run(args + [venv], timeout=600)
+    if rc != 0:
+        raise InstallError("creating the venv with %s failed: %s" % (interpreter, (err or out).strip()[-400:]))
+    _install_phases(module, p, venv, p["requirements"])
+    _strip(p, venv)
+    _smoke(p, venv)
+    with open(os.path.join(venv, MARKER), "w") as fh:
+        json.dump({"venv_name": p["venv_name"], "built": time.time()}, fh)
+
+
+def _repair(module, p, venv, state):
+    if state["drift"]:
+        _install_phases(module, p, venv, [state["drift"]], force=True)
+    if state["extras"]:
+        _pip(module, venv, ["uninstall", "-y"] + state["extras"], "removing packages the lock does not list")
+    _strip(p, venv)
+    _smoke(p, venv)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", default="inspect", choices=["inspect", "present"]),
+            root=dict(type="path", required=True),
+            venv_name=dict(type="str", required=True),
+            python=dict(type="str", required=True),
+            python_minor=dict(type="str", required=True),
+            requirements=dict(type="list", elements="list", default=[]),
+            pip_args=dict(type="list", elements="str", default=[]),
+            wheelhouse=dict(type="path"),
+            strip=dict(type="dict", default={}),
+            smoke_imports=dict(type="list", elements="str", default=[]),
+            system_site_packages=dict(type="bool", default=False),
+            gpu_expected=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    stacks = os.path.join(p["root"], "stacks")
+    venv = os.path.join(stacks, p["venv_name"])
+    interpreter = _interpreter(p["python"])
+    interp_version = None
+    if interpreter:
+        rc, out, _ = run([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], timeout=30)
+        interp_version = out.strip() if rc == 0 else None
+    free_gb, disk_path = _disk_free_gb(p["root"])
+    node = {
+        "hostname": socket.gethostname(),
+        "time": time.time(),
+        "interpreter": {"name": p["python"], "path": interpreter, "version": interp_version},
+        "disk_free_gb": free_gb,
+        "disk_path": disk_path,
+        "nvcc": nvcc_version(),
+    }
+    node.update(gpu_facts())
+    state = _stack_state(p, venv)
+
+    if p["state"] == "inspect":
+        module.exit_json(changed=False, node=node, stack=state)
+
+    if state["status"] == "ok":
+        module.exit_json(changed=False, node=node, stack=state)
+    if module.check_mode:
+        module.exit_json(changed=True, node=node, stack=state)
+    if not interpreter:
+        module.fail_json(msg="no %s on this node: install Python %s (or set stack_python to its path)"
+                         % (p["python"], p["python_minor"]), node=node, stack=state)
+    os.makedirs(stacks, exist_ok=True)
+    with open(os.path.join(stacks, ".lock"), "w") as lockfh:
+        # Two provisions of one node at once would build one venv twice: the second waits.
+        fcntl.flock(lockfh, fcntl.LOCK_EX)
+        state = _stack_state(p, venv)
+        action = "none"
+        try:
+            if state["status"] == "drift":
+                action = "repaired"
+                _repair(module, p, venv, state)
+            elif state["status"] != "ok":
+                action = "built"
+                _build(module, p, venv, interpreter)
+        except InstallError as exc:
+            if action == "built" and os.path.lexists(venv):
+                shutil.rmtree(venv, ignore_errors=True)  # never leave a half-built venv behind
+            module.fail_json(msg="%s: %s" % (node["hostname"], exc), node=node, stack=state, action=action)
+        _point_current(stacks, p["venv_name"])
+        before = state
+        state = _stack_state(p, venv)
+        if state["status"] != "ok":
+            module.fail_json(msg="the stack venv still differs from the lock after %s: %s"
+                             % (action, ", ".join(state["drift"] + state["extras"] + state["stripped_present"])),
+                             node=node, stack=state, action=action)
+        module.exit_json(changed=action != "none", node=node, stack=state, action=action,
+                         repaired={"drift": before["drift"], "extras": before["extras"]})
+
+
+if __name__ == "__main__":
+    main()

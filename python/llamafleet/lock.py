@@ -1,0 +1,245 @@
+"""The stack lock: what every node's training environment is made of, as data in one file.
+
+The lock (``python/llamafleet/locks/default.yml`` unless the inventory sets ``stack_lock_file``)
+is read here and only here. Ansible reaches this module through the ``llamafleet.cluster.validate``
+action, so the playbooks and the Python library agree on the content hash, the venv path, the
+install order and the expected versions by construction.
+
+Lock format (schema 1)::
+
+    schema: 1
+    python: "3.11"                 # major.minor every node's venv is built with
+    components: [torch, ...]       # the packages the parity table always shows, in this order
+    smoke_imports: [torch, ...]    # imported once after an install: the venv is kept only if they import
+    build_with_torch: [deepspeed]  # sdists built against the installed torch (--no-build-isolation)
+    packages: {name: version}      # the whole closure, installed with --no-deps: nothing is resolved on a node
+    flavors:
+      cpu:
+        description: ...
+        cuda: null                 # CUDA version the flavor's torch is built for
+        torch_mode: pip            # pip: installed from the lock; system: the node's own torch, verified
+        packages: {torch: "2.13.0"}      # added to / overriding the common packages
+        without: [torchvision]     # common packages this flavor leaves out
+        strip: {torchaudio: ["lib/*.so"]}  # files deleted after install (the one documented workaround)
+        pip: {index_url: null, extra_index_urls: [], find_links: []}
+        nvcc: null                 # CUDA toolkit version required on the node (DeepSpeed ops), if any
+        driver_min: null           # lowest NVIDIA driver that runs this CUDA, checked, never installed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LockError
+
+LOCKS_DIR = Path(__file__).resolve().parent / "locks"
+DEFAULT_LOCK = LOCKS_DIR / "default.yml"
+_VERSION = re.compile(r"^[0-9][0-9A-Za-z.!+_-]*$")
+_PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
+_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 normalized project name: ``Jinja2`` and ``jinja2``, ``typing_extensions`` and ``typing-extensions`` are one."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipSource:
+    index_url: str | None
+    extra_index_urls: tuple[str, ...]
+    find_links: tuple[str, ...]
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        if self.index_url:
+            out += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            out += ["--extra-index-url", url]
+        for link in self.find_links:
+            out += ["--find-links", link]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """One flavor of the lock, resolved: everything a node install and a parity check need."""
+
+    lock_file: str
+    flavor: str
+    description: str
+    python: str
+    cuda: str | None
+    torch_mode: str
+    nvcc: str | None
+    driver_min: str | None
+    packages: dict[str, str]  # canonical name -> exact version, what the venv must hold
+    components: tuple[str, ...]
+    smoke_imports: tuple[str, ...]
+    build_with_torch: tuple[str, ...]
+    strip: dict[str, tuple[str, ...]]
+    pip: PipSource
+    hash: str
+    system_provided: tuple[str, ...] = ()  # torch_mode system: verified in the base image, not installed
+
+    @property
+    def venv_name(self) -> str:
+        return f"stack-{self.hash}"
+
+    def requirements(self) -> list[list[str]]:
+        """Install phases, each a list of ``name==version``: first everything torch-independent
+        and torch itself, then the sdists that compile against the installed torch."""
+        later = set(self.build_with_torch)
+        mine = {n: v for n, v in self.packages.items() if n not in self.system_provided}
+        first = [f"{n}=={v}" for n, v in sorted(mine.items()) if n not in later]
+        second = [f"{n}=={v}" for n, v in sorted(mine.items()) if n in later]
+        return [p for p in (first, second) if p]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["venv_name"] = self.venv_name
+        d["requirements"] = self.requirements()
+        d["pip_args"] = self.pip.args()
+        return d
+
+
+def _problem(path: Path, key: str, msg: str) -> str:
+    return f"{path}: {key}: {msg}"
+
+
+def load(path: str | Path | None = None) -> dict[str, Any]:
+    """Read and check a lock file; every problem names the file and the key."""
+    p = Path(path) if path else DEFAULT_LOCK
+    if not p.is_file():
+        raise LockError(f"stack lock {p} does not exist: set stack_lock_file to an existing lock file "
+                        f"(the default is {DEFAULT_LOCK})")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise LockError(f"{p}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise LockError(f"{p}: the lock must be a YAML mapping with keys schema, python, packages, flavors")
+    problems: list[str] = []
+    if data.get("schema") != 1:
+        problems.append(_problem(p, "schema", f"is {data.get('schema')!r}; this llamafleet reads schema 1"))
+    if not isinstance(data.get("python"), str) or not _PYTHON.match(data["python"]):
+        problems.append(_problem(p, "python", f"is {data.get('python')!r}; write the major.minor as a string, e.g. \"3.11\""))
+    for key in ("packages",):
+        pkgs = data.get(key)
+        if not isinstance(pkgs, dict) or not pkgs:
+            problems.append(_problem(p, key, "must be a mapping of package name to exact version"))
+    problems += _check_pins(p, "packages", data.get("packages"))
+    flavors = data.get("flavors")
+    if not isinstance(flavors, dict) or not flavors:
+        problems.append(_problem(p, "flavors", "must map each flavor name (cpu, cu126, system, ...) to its settings"))
+        flavors = {}
+    for name, fl in flavors.items():
+        key = f"flavors.{name}"
+        if not isinstance(fl, dict):
+            problems.append(_problem(p, key, "must be a mapping"))
+            continue
+        if fl.get("torch_mode", "pip") not in ("pip", "system"):
+            problems.append(_problem(p, f"{key}.torch_mode", f"is {fl.get('torch_mode')!r}; use pip or system"))
+        problems += _check_pins(p, f"{key}.packages", fl.get("packages") or {})
+        for drop in fl.get("without") or []:
+            if canonical_name(drop) not in {canonical_name(n) for n in (data.get("packages") or {})}:
+                problems.append(_problem(p, f"{key}.without", f"{drop!r} is not in packages; remove it from without"))
+    for listkey in ("components", "smoke_imports", "build_with_torch"):
+        val = data.get(listkey, [])
+        if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
+            problems.append(_problem(p, listkey, "must be a list of names"))
+    if problems:
+        raise LockError(problems)
+    data["_path"] = str(p.resolve())
+    return data
+
+
+def _check_pins(path: Path, key: str, pins: Any) -> list[str]:
+    if not isinstance(pins, dict):
+        return [_problem(path, key, "must be a mapping of package name to exact version")]
+    out = []
+    for name, ver in pins.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            out.append(_problem(path, f"{key}.{name}", "is not a valid package name"))
+        if not isinstance(ver, str) or not _VERSION.match(ver):
+            out.append(_problem(path, f"{key}.{name}", f"is {ver!r}; pin an exact version as a quoted string, e.g. \"1.2.3\""))
+    return out
+
+
+def resolve(lock: Mapping[str, Any], flavor: str, pip_override: Mapping[str, Any] | None = None) -> Stack:
+    """The stack one flavor of the lock asks for. ``pip_override`` (inventory ``stack_pip_*``) only
+    changes where packages come from, which is part of the hash: a new source is a new venv."""
+    flavors = lock["flavors"]
+    if flavor not in flavors:
+        raise LockError(f"stack_flavor is {flavor!r}, which {lock['_path']} does not define; "
+                        f"use one of: {', '.join(sorted(flavors))}")
+    fl = flavors[flavor]
+    torch_mode = fl.get("torch_mode", "pip")
+    without = {canonical_name(n) for n in fl.get("without") or []}
+    packages = {canonical_name(n): str(v) for n, v in lock["packages"].items() if canonical_name(n) not in without}
+    for n, v in (fl.get("packages") or {}).items():
+        packages[canonical_name(n)] = str(v)
+    system_provided = tuple(sorted(canonical_name(n) for n in fl.get("packages") or {})) if torch_mode == "system" else ()
+    pipcfg = dict(fl.get("pip") or {})
+    for k, v in (pip_override or {}).items():
+        if v not in (None, "", []):
+            pipcfg[k] = v
+    source = PipSource(
+        index_url=pipcfg.get("index_url") or None,
+        extra_index_urls=tuple(pipcfg.get("extra_index_urls") or ()),
+        find_links=tuple(pipcfg.get("find_links") or ()),
+    )
+    strip = {canonical_name(k): tuple(v) for k, v in (fl.get("strip") or {}).items()}
+    identity = {
+        "python": lock["python"],
+        "flavor": flavor,
+        "torch_mode": torch_mode,
+        "packages": packages,
+        "strip": strip,
+        "build_with_torch": sorted(canonical_name(n) for n in lock.get("build_with_torch") or []),
+        "pip": dataclasses.asdict(source),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Stack(
+        lock_file=lock["_path"],
+        flavor=flavor,
+        description=str(fl.get("description", "")).strip(),
+        python=lock["python"],
+        cuda=str(fl["cuda"]) if fl.get("cuda") else None,
+        torch_mode=torch_mode,
+        nvcc=str(fl["nvcc"]) if fl.get("nvcc") else None,
+        driver_min=str(fl["driver_min"]) if fl.get("driver_min") else None,
+        packages=packages,
+        components=tuple(canonical_name(c) for c in lock.get("components") or []),
+        smoke_imports=tuple(lock.get("smoke_imports") or []),
+        build_with_torch=tuple(canonical_name(n) for n in lock.get("build_with_torch") or []),
+        strip=strip,
+        pip=source,
+        hash=digest,
+        system_provided=system_provided,
+    )
+
+
+def load_stack(path: str | Path | None, flavor: str, pip_override: Mapping[str, Any] | None = None) -> Stack:
+    return resolve(load(path), flavor, pip_override)
+
+
+def resolve_dict(data: Mapping[str, Any]) -> Stack:
+    """The ``Stack`` that ``Stack.to_dict()`` described (it travels through Ansible as plain data)."""
+    fields = {f.name for f in dataclasses.fields(Stack)}
+    d = {k: v for k, v in data.items() if k in fields}
+    pip = d["pip"]
+    d["pip"] = PipSource(pip.get("index_url"), tuple(pip.get("extra_index_urls") or ()), tuple(pip.get("find_links") or ()))
+    for k in ("components", "smoke_imports", "build_with_torch", "system_provided"):
+        d[k] = tuple(d.get(k) or ())
+    d["strip"] = {k: tuple(v) for k, v in (d.get("strip") or {}).items()}
+    d["packages"] = dict(d["packages"])
+    return Stack(**d)

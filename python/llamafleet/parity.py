@@ -1,0 +1,198 @@
+"""Parity: every node compared with every other node and with the lock, component by component.
+
+Input is what the ``llamafleet.cluster.node`` module reported per node (its ``node`` and ``stack``
+keys); output is a ``ParityReport`` that the ``parity`` action saves as JSON and the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .lock import Stack
+
+_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
+MISSING = "-"
+
+
+def version_matches(pin: str, found: str | None) -> bool:
+    """PEP 440 ``==``: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label only itself."""
+    if found is None:
+        return False
+    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    component: str
+    expected: str
+    found: dict[str, str]  # node -> value
+    bad: tuple[str, ...]  # nodes whose value is wrong
+    why: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    ok: bool
+    lock_file: str
+    flavor: str
+    stack_hash: str
+    nodes: tuple[str, ...]
+    rows: tuple[Row, ...]
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for r, row in zip(d["rows"], self.rows):
+            r["ok"] = row.ok
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParityReport":
+        rows = tuple(Row(component=r["component"], expected=r["expected"], found=dict(r["found"]),
+                         bad=tuple(r["bad"]), why=r.get("why", "")) for r in d["rows"])
+        return cls(ok=d["ok"], lock_file=d["lock_file"], flavor=d["flavor"], stack_hash=d["stack_hash"],
+                   nodes=tuple(d["nodes"]), rows=rows, problems=tuple(d["problems"]), warnings=tuple(d["warnings"]))
+
+    def table(self, only_problems: bool = False) -> str:
+        """Plain-text table, component x node, a '!' after every value that is wrong."""
+        rows = [r for r in self.rows if not (only_problems and r.ok)]
+        head = ["component", "expected"] + list(self.nodes)
+        body = [[r.component, r.expected] + [r.found.get(n, MISSING) + (" !" if n in r.bad else "") for n in self.nodes]
+                for r in rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+        return "\n".join(lines)
+
+    def format(self) -> str:
+        if self.ok:
+            text = f"parity OK: {len(self.nodes)} nodes match the lock ({self.flavor}, stack-{self.stack_hash})\n"
+            text += self.table()
+        else:
+            text = f"parity FAILED: {len(self.problems)} problem(s) across {len(self.nodes)} nodes\n"
+            text += self.table(only_problems=True) + "\n" + "\n".join(f"- {p}" for p in self.problems)
+        if self.warnings:
+            text += "\n" + "\n".join(f"warning: {w}" for w in self.warnings)
+        return text
+
+
+def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Mapping[str, int] | None = None) -> ParityReport:
+    """Compare the nodes' inspections (``{node: {"node": ..., "stack": ...}}``) with each other and the lock."""
+    nodes = tuple(inspections)
+    rows: list[Row] = []
+    problems: list[str] = []
+    warnings: list[str] = []
+    probes: dict[str, dict[str, Any]] = {}
+    for n in nodes:
+        st = inspections[n].get("stack") or {}
+        probe = st.get("probe") or {}
+        if st.get("status") in (None, "absent", "incomplete") or "error" in probe:
+            problems.append(f"{n}: no complete stack venv at {st.get('path', '?')} "
+                            f"({probe.get('error') or st.get('status')}); run provision for this node")
+            probe = {}
+        probes[n] = probe
+
+    def add(component: str, expected: str, found: dict[str, str], bad: Sequence[str], why: str) -> None:
+        rows.append(Row(component, expected, found, tuple(bad), why))
+        for b in bad:
+            problems.append(f"{b}: {component} is {found.get(b, MISSING)}, expected {expected}{why}")
+
+    live = [n for n in nodes if probes[n]]
+    # Python: the minor must be the lock's on every node.
+    found = {n: probes[n].get("python", MISSING) for n in live}
+    bad = [n for n in live if ".".join(found[n].split(".")[:2]) != stack.python]
+    add("python", stack.python, found, bad, " (the lock's Python minor)")
+    patches = set(found.values())
+    if not bad and len(patches) > 1:
+        warnings.append(f"python patch releases differ between nodes: {', '.join(sorted(patches))}")
+    # Packages: the lock's components first, in its order, then every package that differs anywhere.
+    expected_pkgs = stack.packages
+    names = list(stack.components)
+    everything = set(expected_pkgs)
+    for n in live:
+        everything |= set(probes[n].get("packages", {}))
+    for name in sorted(everything - set(names) - _BASELINE):
+        names.append(name)
+    for name in names:
+        pin = expected_pkgs.get(name)
+        found = {n: probes[n].get("packages", {}).get(name, MISSING) for n in live}
+        if pin is not None:
+            bad = [n for n in live if not version_matches(pin, None if found[n] == MISSING else found[n])]
+            why = ""
+        else:
+            bad = [n for n in live if found[n] != MISSING]
+            why = " (the lock does not list this package)"
+        if not bad and len(set(found.values())) > 1:
+            bad = [n for n in live if found[n] != found[live[0]]]  # same pin, different builds (+cpu vs +cu126)
+            why = " (nodes differ)"
+        if name in stack.components or bad:
+            add(name, pin or "not installed", found, bad, why)
+    # torch's CUDA, NCCL: from the probe; what the flavor says they must be.
+    found = {n: str(probes[n].get("torch_cuda") or "none") for n in live if "torch" in probes[n].get("packages", {})}
+    if found:
+        exp = stack.cuda or "none"
+        bad = [n for n, v in found.items() if v != exp]
+        add("torch.version.cuda", exp, found, bad, f" (flavor {stack.flavor})")
+    nccl_pkg = next((p for p in expected_pkgs if p.startswith("nvidia-nccl-")), None)
+    found = {}
+    for n in live:
+        pr = probes[n]
+        v = pr.get("nccl_torch") or next((v for k, v in pr.get("packages", {}).items() if k.startswith("nvidia-nccl-")), None)
+        found[n] = v or "none"
+    if any(v != "none" for v in found.values()) or nccl_pkg:
+        bad = [n for n in live if found[n] != found[live[0]]] if live else []
+        add("nccl", expected_pkgs.get(nccl_pkg, "same on all nodes") if nccl_pkg else "same on all nodes", found, bad, " (nodes differ)")
+    # torch_mode=system: the base image's torch must be the pinned one (already a package row).
+    # The toolchain and the hardware.
+    node_facts = {n: inspections[n].get("node") or {} for n in nodes}
+    found = {n: str(node_facts[n].get("nvcc") or "none") for n in nodes}
+    if stack.nvcc:
+        bad = [n for n in nodes if found[n] != stack.nvcc]
+        rows.append(Row("nvcc", stack.nvcc, found, ()))
+        for b in bad:  # DeepSpeed only compiles ops (FusedAdam, CPU Adam) with it: warn, do not block
+            warnings.append(f"{b}: nvcc is {found[b]}, the {stack.flavor} flavor expects {stack.nvcc} "
+                            "(needed only for DeepSpeed's compiled optimizers; install the CUDA toolkit to match)")
+    elif len(set(found.values())) > 1:
+        rows.append(Row("nvcc", "same on all nodes", found, ()))
+        warnings.append("nvcc differs between nodes: " + ", ".join(f"{n}={v}" for n, v in found.items()))
+    if stack.cuda:
+        found = {n: str(node_facts[n].get("driver") or "none") for n in nodes}
+        need = stack.driver_min or "any"
+        bad = [n for n in nodes if found[n] == "none" or (stack.driver_min and _vtuple(found[n]) < _vtuple(stack.driver_min))]
+        add("nvidia driver", f">= {need}", found, bad, f" (CUDA {stack.cuda} needs it; upgrade the driver, llamafleet never installs one)")
+        found = {}
+        for n in nodes:
+            g = node_facts[n].get("gpus") or []
+            found[n] = f"{len(g)} x {g[0]['name']} ({g[0]['memory_mib']} MiB)" if g else "0"
+        want = gpus or {}
+        bad = [n for n in nodes if len(node_facts[n].get("gpus") or []) < int(want.get(n, 1))]
+        add("gpus", "llamafleet_gpus", found, bad, " (fewer GPUs than the inventory's llamafleet_gpus)")
+        models = {(node_facts[n].get("gpus") or [{}])[0].get("name") for n in nodes}
+        if len(models) > 1:
+            warnings.append("GPU models differ between nodes: " + ", ".join(sorted(str(m) for m in models)))
+    for n in live:
+        st = inspections[n].get("stack") or {}
+        if st.get("stripped_present"):
+            add("stripped files", "absent", {n: f"{len(st['stripped_present'])} present"}, [n],
+                f" (the {stack.flavor} flavor deletes them; run provision to repair)")
+    return ParityReport(ok=not problems, lock_file=stack.lock_file, flavor=stack.flavor, stack_hash=stack.hash,
+                        nodes=nodes, rows=tuple(rows), problems=tuple(problems), warnings=tuple(warnings))

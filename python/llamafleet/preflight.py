@@ -1,0 +1,54 @@
+"""Preflight: judge every node's inspection together, before anything is installed anywhere.
+
+Per node: an interpreter of the lock's Python minor, enough free disk, a driver new enough for the
+flavor's CUDA. Across nodes: clocks within a few seconds of each other and of the controller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .lock import Stack
+
+
+def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_disk_gb: float,
+          max_clock_skew_s: float, controller_time: tuple[float, float], installing: set[str]) -> list[str]:
+    """Problems found, each naming the host, what is wrong and the fix. ``controller_time`` is the
+    controller's clock before and after the inspections ran: a node's clock must fall inside that
+    window, widened by the allowed skew. ``installing`` are the nodes whose venv will be built."""
+    problems: list[str] = []
+    t0, t1 = controller_time
+    for host, insp in inspections.items():
+        node = insp.get("node") or {}
+        interp = node.get("interpreter") or {}
+        if host in installing:
+            if not interp.get("path"):
+                problems.append(f"{host}: no {interp.get('name')} found on the node: install Python {stack.python} "
+                                f"there (e.g. apt-get install python{stack.python}-venv) or set stack_python to its path")
+            elif not interp.get("version") or ".".join(interp["version"].split(".")[:2]) != stack.python:
+                problems.append(f"{host}: stack_python {interp.get('path')} is Python {interp.get('version')}, the lock "
+                                f"({stack.lock_file}) asks for {stack.python}: point stack_python at a Python "
+                                f"{stack.python} interpreter")
+            free = float(node.get("disk_free_gb") or 0)
+            if free < min_disk_gb:
+                problems.append(f"{host}: only {free:.1f} GiB free at {node.get('disk_path')} (llamafleet_root's disk); "
+                                f"a stack needs {min_disk_gb:g} GiB (preflight_min_disk_gb): free space or move llamafleet_root")
+        if stack.cuda:
+            driver = node.get("driver")
+            if not driver:
+                problems.append(f"{host}: no NVIDIA driver answers (nvidia-smi) but flavor {stack.flavor} is CUDA "
+                                f"{stack.cuda}: install a driver >= {stack.driver_min or 'its minimum'} or use the cpu flavor")
+            elif stack.driver_min and _vt(driver) < _vt(stack.driver_min):
+                problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which CUDA {stack.cuda} "
+                                "needs: upgrade the driver (llamafleet checks drivers, never installs them)")
+        clock = node.get("time")
+        if clock is not None and not (t0 - max_clock_skew_s <= clock <= t1 + max_clock_skew_s):
+            off = clock - t0 if clock < t0 else clock - t1
+            problems.append(f"{host}: clock is {off:+.1f} s off the controller's (allowed {max_clock_skew_s:g} s, "
+                            "preflight_max_clock_skew_s): enable NTP/chrony on the node")
+    return problems
+
+
+def _vt(v: str) -> tuple[int, ...]:
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split("."))

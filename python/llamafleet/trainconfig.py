@@ -1,0 +1,663 @@
+"""A user's LLaMA-Factory training yaml, checked on the controller and rewritten for the nodes.
+
+``load_training`` reads the yaml unchanged and applies LLaMA-Factory 0.9.5's own rules (its
+``hparams`` and ``data/parser.py``, ``data/loader.py``, ``data/converter.py``) to everything it
+references, so mistakes surface on the controller, all at once, instead of as a traceback on one
+node after minutes of setup.
+
+Paths: LLaMA-Factory resolves ``dataset_dir``, ``deepspeed`` and a local ``model_name_or_path``
+against the working directory of the training process. llamafleet resolves them against the
+directory that holds the yaml (run LLaMA-Factory from that directory to get the same files), and
+``rewrite_for_node`` turns them into absolute paths under the node's job directory.
+
+The yaml is parsed like LLaMA-Factory parses it (OmegaConf): ``1e-4`` is a float (plain YAML 1.1
+reads it as a string), timestamps stay strings and duplicate keys are an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Collection
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .inventory import Cluster
+
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+FINETUNING_TYPES = ("lora", "oft", "freeze", "full")
+FORMATS = ("alpaca", "sharegpt", "openai")
+# LLaMA-Factory's FILEEXT2TYPE: the extension decides the `datasets` loader.
+FILE_TYPES = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
+# dataset_info.json keys that make LLaMA-Factory download instead of reading dataset_dir.
+REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# Stages whose datasets must be pairwise (`ranking: true`): dpo loads its data as stage "rm".
+RANKING_STAGES = ("rm", "dpo")
+DATASET_INFO = "dataset_info.json"
+# Records read from the start of each data file to check columns and message tags.
+INSPECT_RECORDS = 100
+
+# Layout of a job directory on a node (relative paths).
+NODE_DATA_DIR = "data"
+NODE_MODEL_DIR = "model"
+NODE_DEEPSPEED_DIR = "deepspeed"
+NODE_OUTPUT_DIR = "output"
+
+_COLUMN_ATTRS = {
+    "alpaca": ("prompt", "query", "response", "history", "system", "tools", "images", "videos", "audios",
+               "chosen", "rejected", "kto_tag"),
+    "sharegpt": ("messages", "system", "tools", "images", "videos", "audios", "chosen", "rejected", "kto_tag"),
+}
+_COLUMN_ATTRS["openai"] = _COLUMN_ATTRS["sharegpt"]
+# DatasetAttr's defaults; once an entry has "columns" (or "tags"), every key it leaves out is None.
+_DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
+_DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+_ROLE_TAGS = ("user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as OmegaConf (LLaMA-Factory's reader) sees it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key_node.value}",
+                    key_node.start_mark,
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    """One dataset named by ``dataset`` or ``eval_dataset``, as dataset_info.json defines it."""
+
+    name: str
+    split: str  # "train" or "eval": which yaml key named it
+    entry: dict[str, Any]  # its dataset_info.json entry
+    path: str | None  # absolute ``file_name`` (a file or a directory); None for a remote dataset
+    files: tuple[str, ...]  # the data files LLaMA-Factory reads
+    samples: int | None  # records after num_samples and max_samples; None when not countable here
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """A training yaml that passed every check. ``data`` is the parsed yaml, unchanged."""
+
+    path: str
+    data: dict[str, Any]
+    dataset_dir: str
+    dataset_info_path: str | None
+    datasets: tuple[DatasetRef, ...]
+    deepspeed_path: str | None
+    zero_stage: int | None
+    model_dir: str | None  # None when model_name_or_path is a hub id (warned about)
+    warnings: tuple[str, ...]
+
+    @property
+    def stage(self) -> str:
+        return self.data.get("stage", "sft")
+
+    @property
+    def train_samples(self) -> int | None:
+        """Training records: the ``dataset`` samples less the ``val_size`` split (as ``train_test_split``)."""
+        counts = [d.samples for d in self.datasets if d.split == "train"]
+        if not counts or None in counts:
+            return None
+        total = sum(counts)
+        val_size = float(self.data.get("val_size") or 0)
+        if val_size > 1e-6:
+            total -= int(val_size) if val_size > 1 else math.ceil(val_size * total)
+        return max(total, 0)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Absolute path of every file or directory the training reads from the controller."""
+        paths = [self.dataset_info_path] if self.dataset_info_path else []
+        paths += [f for d in self.datasets for f in d.files]
+        paths += [p for p in (self.deepspeed_path, self.model_dir) if p]
+        return tuple(dict.fromkeys(paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What a training run will do on a cluster: ranks, world size and step counts."""
+
+    nodes: tuple[dict[str, Any], ...]  # name, node_rank, train_addr, nproc, in rank order
+    master: str
+    master_addr: str
+    world_size: int
+    per_device_batch: int
+    gradient_accumulation: int
+    effective_batch: int
+    train_samples: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def installed_templates() -> frozenset[str] | None:
+    """Chat template names of the LLaMA-Factory importable here, or None when it is not installed.
+
+    Importing it pulls in torch and transformers (seconds), so callers ask once and pass the
+    result to ``load_training``.
+    """
+    try:
+        from llamafactory.data.template import TEMPLATES
+    except ImportError:
+        return None
+    return frozenset(TEMPLATES)
+
+
+def load_training(
+    yaml_path: str | os.PathLike[str],
+    *,
+    templates: Collection[str] | None = None,
+    allow_remote: bool = False,
+) -> TrainingConfig:
+    """Read and check a LLaMA-Factory training yaml; raise ``ConfigError`` listing every problem.
+
+    ``templates``: the valid ``template`` names (see ``installed_templates``); None accepts any.
+    ``allow_remote``: accept datasets that download from a hub or cloud store (a warning then);
+    by default they are problems, since the nodes train offline.
+    """
+    path = os.path.abspath(yaml_path)
+    base = os.path.dirname(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the training yaml ({err.strerror}); check the path") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}; fix the syntax at that line") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the training yaml must be a mapping of LLaMA-Factory arguments (key: value lines), "
+            f"not {type(data).__name__}"
+        )
+
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    def problem(key: str, text: str) -> None:
+        problems.append(f"{path}: {key}: {text}")
+
+    _check_method(data, templates, problem, warnings, path)
+    _check_numbers(data, problem)
+    model_dir = _check_model(data, base, problem, warnings, path)
+    deepspeed_path, zero_stage = _check_deepspeed(data, base, problem)
+    dataset_dir, info_path, datasets = _check_datasets(data, base, path, allow_remote, problems, warnings)
+    if problems:
+        raise ConfigError(problems)
+    return TrainingConfig(
+        path=path,
+        data=data,
+        dataset_dir=dataset_dir,
+        dataset_info_path=info_path,
+        datasets=datasets,
+        deepspeed_path=deepspeed_path,
+        zero_stage=zero_stage,
+        model_dir=model_dir,
+        warnings=tuple(warnings),
+    )
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _check_method(data, templates, problem, warnings, path) -> None:
+    stage = data.get("stage", "sft")
+    if stage not in STAGES:
+        problem("stage", f"{stage!r} is not a LLaMA-Factory stage; use one of {', '.join(STAGES)}")
+    ftype = data.get("finetuning_type", "lora")
+    if ftype not in FINETUNING_TYPES:
+        problem("finetuning_type", f"{ftype!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}")
+    template = data.get("template")
+    if template is None:
+        warnings.append(
+            f"{path}: template: not set; LLaMA-Factory then parses the tokenizer's chat template or uses "
+            "'empty'; set the template your model was trained with, e.g. template: qwen"
+        )
+    elif not isinstance(template, str) or not template.strip():
+        problem("template", f"{template!r} is not a template name; set e.g. template: qwen")
+    elif templates is not None and template not in templates:
+        problem("template", f"{template!r} is not a template of the installed LLaMA-Factory; check the spelling")
+    if data.get("do_train") is not True:
+        problem("do_train", f"is {data.get('do_train')!r}; llamafleet runs training jobs: set do_train: true")
+    if not isinstance(data.get("output_dir"), str) or not data["output_dir"].strip():
+        problem("output_dir", "is not set; set output_dir: to a directory name (llamafleet puts it in the job directory)")
+
+
+def _number(value: Any, kind: type) -> float | None:
+    """The value as int or float when it is one (bool excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if kind is int and not isinstance(value, int):
+        return None
+    return value
+
+
+def _check_numbers(data, problem) -> None:
+    for key, kind, example in (
+        ("per_device_train_batch_size", int, 2),
+        ("gradient_accumulation_steps", int, 1),
+        ("cutoff_len", int, 2048),
+    ):
+        if key in data:
+            value = _number(data[key], kind)
+            if value is None or value < 1:
+                problem(key, f"is {data[key]!r}; it must be an integer >= 1, e.g. {key}: {example}")
+    if "learning_rate" in data:
+        value = _number(data["learning_rate"], float)
+        if value is None or value <= 0:
+            problem("learning_rate", f"is {data['learning_rate']!r}; it must be a number > 0, e.g. learning_rate: 1.0e-4")
+    max_steps = _number(data.get("max_steps", -1), int)
+    if max_steps is None:
+        problem("max_steps", f"is {data['max_steps']!r}; it must be an integer (> 0 to stop after that many steps)")
+    elif max_steps <= 0:
+        epochs = _number(data.get("num_train_epochs", 3.0), float)
+        if epochs is None or epochs <= 0:
+            problem(
+                "num_train_epochs",
+                f"is {data.get('num_train_epochs')!r} and max_steps is not set; training would do nothing: "
+                "set num_train_epochs > 0 (e.g. 3.0) or max_steps > 0",
+            )
+
+
+def _resolve(base: str, value: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _check_model(data, base, problem, warnings, path) -> str | None:
+    name = data.get("model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        problem("model_name_or_path", "is not set; set it to a model directory (with config.json) or a hub id")
+        return None
+    local = _resolve(base, name)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            problem("model_name_or_path", f"directory {local} has no config.json; point it at a saved model directory")
+        return local
+    if not name.startswith((".", "/", "~")) and _HUB_ID.match(name):
+        warnings.append(
+            f"{path}: model_name_or_path: {name!r} is not a directory next to the yaml, so it is taken as a hub id; "
+            "the nodes train offline, so it must already be in the nodes' HF_HOME cache"
+        )
+        return None
+    problem("model_name_or_path", f"directory {local} does not exist; build or copy the model there, or fix the path")
+    return None
+
+
+def _check_deepspeed(data, base, problem) -> tuple[str | None, int | None]:
+    value = data.get("deepspeed")
+    if value is None:
+        return None, None
+    if not isinstance(value, str) or not value.strip():
+        problem("deepspeed", f"is {value!r}; set it to the path of a DeepSpeed JSON config file")
+        return None, None
+    ds_path = _resolve(base, value)
+    try:
+        with open(ds_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as err:
+        problem("deepspeed", f"cannot read {ds_path} ({err.strerror}); fix the path (relative to the yaml's directory)")
+        return None, None
+    except json.JSONDecodeError as err:
+        problem("deepspeed", f"{ds_path} is not valid JSON ({err}); fix the file")
+        return None, None
+    if not isinstance(config, dict):
+        problem("deepspeed", f"{ds_path} must hold a JSON object (a DeepSpeed config), not {type(config).__name__}")
+        return None, None
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        problem("deepspeed", f"{ds_path}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+        return None, None
+    return ds_path, stage
+
+
+def _names(value: Any) -> list[str] | None:
+    """``dataset``/``eval_dataset`` as LLaMA-Factory splits it; None when it is neither string nor list."""
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",")]
+    if isinstance(value, list) and all(isinstance(n, str) for n in value):
+        return [n.strip() for n in value]
+    return None
+
+
+def _check_datasets(data, base, path, allow_remote, problems, warnings):
+    def problem(key: str, text: str) -> None:
+        problems.append(f"{path}: {key}: {text}")
+
+    dataset_dir_value = data.get("dataset_dir", "data")
+    if not isinstance(dataset_dir_value, str) or dataset_dir_value == "ONLINE" or dataset_dir_value.startswith("REMOTE:"):
+        problem("dataset_dir", f"is {dataset_dir_value!r}; the nodes train offline: set it to a local directory "
+                "that holds dataset_info.json")
+        return "", None, ()
+    dataset_dir = _resolve(base, dataset_dir_value)
+    wanted: list[tuple[str, str]] = []
+    for key, split in (("dataset", "train"), ("eval_dataset", "eval")):
+        if data.get(key) is None:
+            continue
+        names = _names(data[key])
+        if names is None or not all(names):
+            problem(key, f"is {data[key]!r}; give dataset names from dataset_info.json, comma-separated or as a list")
+            continue
+        wanted += [(name, split) for name in names]
+    if data.get("dataset") is None:
+        problem("dataset", f"is not set; name the training dataset(s) defined in {os.path.join(dataset_dir, DATASET_INFO)}")
+    if data.get("eval_dataset") is not None and float(data.get("val_size") or 0) > 1e-6:
+        problem("val_size", "cannot be combined with eval_dataset; remove one of them")
+    if not wanted:
+        return dataset_dir, None, ()
+
+    info_path = os.path.join(dataset_dir, DATASET_INFO)
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except OSError as err:
+        problem("dataset_dir", f"{info_path} cannot be read ({err.strerror}); dataset_dir (relative to the yaml's "
+                "directory) must hold dataset_info.json")
+        return dataset_dir, None, ()
+    except json.JSONDecodeError as err:
+        problems.append(f"{info_path}: not valid JSON ({err}); fix the file")
+        return dataset_dir, info_path, ()
+    if not isinstance(info, dict):
+        problems.append(f"{info_path}: must hold a JSON object mapping dataset names to their definitions")
+        return dataset_dir, info_path, ()
+
+    refs = []
+    max_samples = data.get("max_samples")
+    for name, split in wanted:
+        key = "dataset" if split == "train" else "eval_dataset"
+        if name not in info:
+            known = ", ".join(sorted(info)) or "none"
+            problem(key, f"dataset {name!r} is not defined in {info_path} (defined: {known}); add it there or fix the name")
+            continue
+        ref = _check_entry(name, split, info[name], info_path, dataset_dir, data.get("stage", "sft"), max_samples,
+                           allow_remote, problems, warnings)
+        if ref is not None:
+            refs.append(ref)
+    return dataset_dir, info_path, tuple(refs)
+
+
+def _check_entry(name, split, entry, info_path, dataset_dir, stage, max_samples, allow_remote, problems, warnings):
+    where = f"{info_path}: dataset {name!r}"
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: must be a JSON object with at least \"file_name\"")
+        return None
+    remote = [k for k in REMOTE_KEYS if k in entry]
+    if remote:
+        text = (f"{where}: {remote[0]}: needs a hub or cloud store, and the nodes train offline; "
+                "download the data and define the dataset with \"file_name\" instead")
+        if not allow_remote:
+            problems.append(text)
+            return None
+        warnings.append(text)
+        return DatasetRef(name=name, split=split, entry=entry, path=None, files=(), samples=None)
+    count = len(problems)
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        problems.append(f"{where}: formatting: {formatting!r} is not supported; use one of {', '.join(FORMATS)}")
+    ranking = entry.get("ranking", False) is True
+    if ranking != (stage in RANKING_STAGES):
+        need = "true" if stage in RANKING_STAGES else "false (or leave it out)"
+        problems.append(f"{where}: ranking: is {entry.get('ranking', False)!r} but stage {stage} needs ranking: {need}; "
+                        "use a dataset made for this stage")
+    for key in ("columns", "tags"):
+        if key in entry and not isinstance(entry[key], dict):
+            problems.append(f"{where}: {key}: must be a JSON object")
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        problems.append(f"{where}: file_name: is not set; set it to the data file (or directory) inside {dataset_dir}")
+        return None
+    local = os.path.normpath(os.path.join(dataset_dir, file_name))
+    if os.path.isdir(local):
+        files = sorted(os.path.join(local, f) for f in os.listdir(local))
+    elif os.path.isfile(local):
+        files = [local]
+    else:
+        problems.append(f"{where}: file_name: {local} does not exist; put the data file there or fix file_name")
+        return None
+    if not files:
+        problems.append(f"{where}: file_name: directory {local} is empty; put the data files there")
+        return None
+    exts = {os.path.splitext(f)[1][1:] for f in files}
+    if not exts <= FILE_TYPES.keys() or len({FILE_TYPES[e] for e in exts}) > 1:
+        problems.append(f"{where}: file_name: {local} holds {', '.join(sorted(exts))} files; use one type of "
+                        f"{', '.join(FILE_TYPES)}")
+        return None
+    if len(problems) > count:
+        return None
+    samples = 0
+    for file in files:
+        counted = _check_file(file, where, entry, formatting, problems, warnings)
+        samples = None if counted is None or samples is None else samples + counted
+    if samples is not None:
+        if isinstance(entry.get("num_samples"), int):
+            samples = entry["num_samples"]
+        if isinstance(max_samples, int):
+            samples = min(samples, max_samples)
+    return DatasetRef(name=name, split=split, entry=entry, path=local, files=tuple(files), samples=samples)
+
+
+def _check_file(file, where, entry, formatting, problems, warnings) -> int | None:
+    """Check one data file's first records against the entry; return its record count (None if unknown)."""
+    ftype = FILE_TYPES[os.path.splitext(file)[1][1:]]
+    if ftype in ("arrow", "parquet"):
+        warnings.append(f"{where}: {file}: {ftype} files are not inspected here; their columns are checked at training")
+        return None
+    try:
+        head, count = _read_records(file, ftype)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
+        problems.append(f"{where}: file_name: {file} cannot be read as {ftype}: {_one_line(err)}; fix the file")
+        return None
+    if count == 0:
+        problems.append(f"{where}: file_name: {file} holds no records; add data")
+        return None
+    present: set[str] = set()
+    for record in head:
+        present |= record.keys()
+    columns = entry.get("columns")
+    for attr in _COLUMN_ATTRS[formatting]:
+        column = columns.get(attr) if isinstance(columns, dict) else _DEFAULT_COLUMNS.get(attr)
+        if column and column not in present:
+            how = "columns." + attr if isinstance(columns, dict) else f"the default for {attr} (no \"columns\" given)"
+            problems.append(
+                f"{where}: columns: column {column!r} ({how}) is not in the records of {file} (they have: "
+                f"{', '.join(sorted(present))}); map {attr} to one of those in \"columns\""
+            )
+    if formatting != "alpaca":
+        messages = columns.get("messages") if isinstance(columns, dict) else _DEFAULT_COLUMNS["messages"]
+        if messages in present:
+            _check_messages(head, messages, entry, file, where, problems)
+    return count
+
+
+def _read_records(file: str, ftype: str) -> tuple[list[dict[str, Any]], int]:
+    """The first INSPECT_RECORDS records and the record count, the way `datasets` reads the file."""
+    with open(file, encoding="utf-8", newline="" if ftype == "csv" else None) as f:
+        if ftype == "csv":
+            rows = csv.DictReader(f)
+            head = [r for _, r in zip(range(INSPECT_RECORDS), rows)]
+            return head, len(head) + sum(1 for _ in rows)
+        if ftype == "text":
+            count = sum(1 for _ in f)
+            return [{"text": ""}], count
+        text = f.read()
+    # `datasets` reads a .json/.jsonl file as one JSON array of records, or else as JSON lines.
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"line {number}: {err.msg} (expected a JSON array or one object per line)") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"record {bad} is not a JSON object")
+    return records[:INSPECT_RECORDS], len(records)
+
+
+def _check_messages(head, column, entry, file, where, problems) -> None:
+    """Check that messages use the entry's role/content tag keys and role values."""
+    tags = entry.get("tags")
+    tag = dict(_DEFAULT_TAGS) if not isinstance(tags, dict) else {k: tags.get(k) for k in _DEFAULT_TAGS}
+    for key in ("role_tag", "content_tag"):
+        if not tag[key]:
+            problems.append(f"{where}: tags: \"tags\" is given without {key}; add it (e.g. \"{key}\": "
+                            f"\"{'role' if key == 'role_tag' else 'content'}\")")
+            return
+    roles = {tag[k] for k in _ROLE_TAGS if tag[k]}
+    for index, record in enumerate(head):
+        messages = record.get(column)
+        if messages is None:
+            continue
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            problems.append(f"{where}: columns: record {index} of {file}: {column!r} must be a list of message objects")
+            return
+        for message in messages:
+            for key in ("role_tag", "content_tag"):
+                if tag[key] not in message:
+                    problems.append(
+                        f"{where}: tags: {key} is {tag[key]!r} but record {index} of {file} has messages with keys "
+                        f"{', '.join(sorted(message))}; set \"tags\": {{\"{key}\": ...}} to the right key"
+                    )
+                    return
+            if message[tag["role_tag"]] not in roles:
+                problems.append(
+                    f"{where}: tags: record {index} of {file} has role {message[tag['role_tag']]!r}, which is none "
+                    f"of the role tags ({', '.join(sorted(roles))}); set user_tag/assistant_tag/system_tag in \"tags\""
+                )
+                return
+
+
+def plan(cfg: TrainingConfig, cluster: Cluster, cpu_only: bool) -> TrainPlan:
+    """Ranks, world size and step counts of ``cfg`` on ``cluster``.
+
+    Steps per epoch follow transformers' Trainer: each rank gets ceil(samples / world) records,
+    in ceil(that / per-device batch) batches, and takes one optimizer step per
+    ``gradient_accumulation_steps`` batches, rounded up. Those nested ceilings equal
+    ceil(samples / effective batch). The sample count is an estimate: LLaMA-Factory drops
+    malformed examples (odd message counts, unknown roles), may pack several into one sequence
+    (``packing``, the default for stage pt), and ``num_samples`` may repeat records. Unknown
+    counts (remote or parquet/arrow data) leave the step figures None unless ``max_steps`` is set.
+    """
+    data = cfg.data
+    world = cluster.world_size(cpu_only)
+    batch = data.get("per_device_train_batch_size", 8)
+    accumulation = data.get("gradient_accumulation_steps", 1)
+    effective = batch * world * accumulation
+    samples = cfg.train_samples
+    per_epoch = math.ceil(samples / effective) if samples is not None else None
+    max_steps = data.get("max_steps", -1)
+    if max_steps > 0:
+        total = max_steps
+    elif per_epoch is not None:
+        total = math.ceil(data.get("num_train_epochs", 3.0) * per_epoch)
+    else:
+        total = None
+    return TrainPlan(
+        nodes=tuple(
+            {"name": n.name, "node_rank": n.node_rank, "train_addr": n.train_addr, "nproc": n.nproc(cpu_only)}
+            for n in sorted(cluster.nodes, key=lambda n: n.node_rank)
+        ),
+        master=cluster.master.name,
+        master_addr=cluster.master.train_addr,
+        world_size=world,
+        per_device_batch=batch,
+        gradient_accumulation=accumulation,
+        effective_batch=effective,
+        train_samples=samples,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+    )
+
+
+def _node_file_name(ref: DatasetRef, dataset_dir: str) -> str:
+    """Where a dataset's file_name goes under the node's data directory (relative to it).
+
+    A file_name inside dataset_dir keeps its relative path, so dataset_info.json needs no change;
+    one outside it (absolute, or with ..) gets its own directory named after the dataset.
+    """
+    rel = os.path.relpath(ref.path, dataset_dir)
+    if rel.startswith(os.pardir):
+        return os.path.join("external", re.sub(r"[^A-Za-z0-9_.-]", "_", ref.name), os.path.basename(ref.path))
+    return rel
+
+
+def node_files(cfg: TrainingConfig) -> list[tuple[str, str]]:
+    """(absolute source path, path relative to the node's job directory) of every input to copy.
+
+    An entry may be a directory (a model, a dataset directory): copy its content recursively.
+    dataset_info.json is not listed: write ``node_dataset_info(cfg)`` to ``data/dataset_info.json``.
+    """
+    pairs = [(ref.path, os.path.join(NODE_DATA_DIR, _node_file_name(ref, cfg.dataset_dir)))
+             for ref in cfg.datasets if ref.path]
+    if cfg.deepspeed_path:
+        pairs.append((cfg.deepspeed_path, os.path.join(NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path))))
+    if cfg.model_dir:
+        pairs.append((cfg.model_dir, NODE_MODEL_DIR))
+    return list(dict.fromkeys(pairs))
+
+
+def node_dataset_info(cfg: TrainingConfig) -> dict[str, Any]:
+    """The node's dataset_info.json: only the referenced entries, file_name as laid out by node_files."""
+    info = {}
+    for ref in cfg.datasets:
+        entry = dict(ref.entry)
+        if ref.path:
+            entry["file_name"] = _node_file_name(ref, cfg.dataset_dir)
+        info[ref.name] = entry
+    return info
+
+
+def rewrite_for_node(cfg: TrainingConfig, node_job_dir: str) -> dict[str, Any]:
+    """The training yaml for a node whose job directory is ``node_job_dir`` (absolute), as a dict.
+
+    Every path becomes absolute under the job directory, so the node may start training from any
+    working directory; all other keys are the user's.
+    """
+    data = dict(cfg.data)
+    data["dataset_dir"] = os.path.join(node_job_dir, NODE_DATA_DIR)
+    data["output_dir"] = os.path.join(node_job_dir, NODE_OUTPUT_DIR)
+    if cfg.deepspeed_path:
+        data["deepspeed"] = os.path.join(node_job_dir, NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path))
+    if cfg.model_dir:
+        data["model_name_or_path"] = os.path.join(node_job_dir, NODE_MODEL_DIR)
+    return data

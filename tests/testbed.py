@@ -236,7 +236,7 @@ class Testbed:
         doc = {"all": {"children": {"nodes": {"vars": group_vars, "hosts": hosts}}}}
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1000))
         return path
 
     # -- internals -------------------------------------------------------------------------

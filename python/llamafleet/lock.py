@@ -1,6 +1,6 @@
 """The stack lock: what every node's training environment is made of, as data in one file.
 
-The lock (``python/llamafleet/locks/default.yml`` unless the inventory sets ``stack_lock_file``)
+The lock (``python/llamafleet/locks/default.yml`` unless the inventory sets ``llamafleet_lock_file``)
 is read here and only here. Ansible reaches this module through the ``llamafleet.cluster.validate``
 action, so the playbooks and the Python library agree on the content hash, the venv path, the
 install order and the expected versions by construction.
@@ -119,7 +119,7 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
     """Read and check a lock file; every problem names the file and the key."""
     p = Path(path) if path else DEFAULT_LOCK
     if not p.is_file():
-        raise LockError(f"stack lock {p} does not exist: set stack_lock_file to an existing lock file "
+        raise LockError(f"stack lock {p} does not exist: set llamafleet_lock_file to an existing lock file "
                         f"(the default is {DEFAULT_LOCK})")
     try:
         data = yaml.safe_load(p.read_text())
@@ -179,7 +179,7 @@ def resolve(lock: Mapping[str, Any], flavor: str, pip_override: Mapping[str, Any
     changes where packages come from, which is part of the hash: a new source is a new venv."""
     flavors = lock["flavors"]
     if flavor not in flavors:
-        raise LockError(f"stack_flavor is {flavor!r}, which {lock['_path']} does not define; "
+        raise LockError(f"llamafleet_flavor is {flavor!r}, which {lock['_path']} does not define; "
                         f"use one of: {', '.join(sorted(flavors))}")
     fl = flavors[flavor]
     torch_mode = fl.get("torch_mode", "pip")

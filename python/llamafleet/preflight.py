@@ -25,10 +25,10 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
         if host in installing:
             if not interp.get("path"):
                 problems.append(f"{host}: no {interp.get('name')} found on the node: install Python {stack.python} "
-                                f"there (e.g. apt-get install python{stack.python}-venv) or set stack_python to its path")
+                                f"there (e.g. apt-get install python{stack.python}-venv) or set llamafleet_python to its path")
             elif not interp.get("version") or ".".join(interp["version"].split(".")[:2]) != stack.python:
-                problems.append(f"{host}: stack_python {interp.get('path')} is Python {interp.get('version')}, the lock "
-                                f"({stack.lock_file}) asks for {stack.python}: point stack_python at a Python "
+                problems.append(f"{host}: llamafleet_python {interp.get('path')} is Python {interp.get('version')}, the lock "
+                                f"({stack.lock_file}) asks for {stack.python}: point llamafleet_python at a Python "
                                 f"{stack.python} interpreter")
             free = float(node.get("disk_free_gb") or 0)
             if free < min_disk_gb:

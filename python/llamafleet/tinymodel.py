@@ -69,11 +69,16 @@ def build_tiny_model(out_dir: str | os.PathLike[str], texts: Iterable[str], *, s
 
 
 def _portable_tokenizer_class(out: str) -> None:
-    """transformers 5 records ``TokenizersBackend``, a class transformers 4 lacks; both load this one."""
+    """Make the saved tokenizer loadable by transformers 4 too.
+
+    transformers 5 records ``TokenizersBackend``, a class transformers 4 lacks, and keeps the chat
+    template only in chat_template.jinja, which older 4.x releases do not read.
+    """
     path = os.path.join(out, "tokenizer_config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHATML_TEMPLATE
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
         f.write("\n")

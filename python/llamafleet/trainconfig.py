@@ -124,10 +124,6 @@ class TrainingConfig:
     warnings: tuple[str, ...]
 
     @property
-    def stage(self) -> str:
-        return self.data.get("stage", "sft")
-
-    @property
     def train_samples(self) -> int | None:
         """Training records: the ``dataset`` samples less the ``val_size`` split (as ``train_test_split``)."""
         counts = [d.samples for d in self.datasets if d.split == "train"]
@@ -193,7 +189,6 @@ def load_training(
     by default they are problems, since the nodes train offline.
     """
     path = os.path.abspath(yaml_path)
-    base = os.path.dirname(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
@@ -206,20 +201,14 @@ def load_training(
             f"{path}: the training yaml must be a mapping of LLaMA-Factory arguments (key: value lines), "
             f"not {type(data).__name__}"
         )
-
-    problems: list[str] = []
-    warnings: list[str] = []
-
-    def problem(key: str, text: str) -> None:
-        problems.append(f"{path}: {key}: {text}")
-
-    _check_method(data, templates, problem, warnings, path)
-    _check_numbers(data, problem)
-    model_dir = _check_model(data, base, problem, warnings, path)
-    deepspeed_path, zero_stage = _check_deepspeed(data, base, problem)
-    dataset_dir, info_path, datasets = _check_datasets(data, base, path, allow_remote, problems, warnings)
-    if problems:
-        raise ConfigError(problems)
+    report = _Report(path)
+    _check_method(data, templates, report)
+    _check_numbers(data, report)
+    model_dir = _check_model(data, report)
+    deepspeed_path, zero_stage = _check_deepspeed(data, report)
+    dataset_dir, info_path, datasets = _check_datasets(data, allow_remote, report)
+    if report.problems:
+        raise ConfigError(report.problems)
     return TrainingConfig(
         path=path,
         data=data,
@@ -229,39 +218,57 @@ def load_training(
         deepspeed_path=deepspeed_path,
         zero_stage=zero_stage,
         model_dir=model_dir,
-        warnings=tuple(warnings),
+        warnings=tuple(report.warnings),
     )
+
+
+@dataclasses.dataclass
+class _Report:
+    """Problems and warnings found so far, each prefixed with where it is: the yaml, or ``where``."""
+
+    path: str
+    problems: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        """The yaml's directory: relative paths in it are resolved against it."""
+        return os.path.dirname(self.path)
+
+    def problem(self, key: str, text: str, where: str | None = None) -> None:
+        self.problems.append(f"{where or self.path}: {key}: {text}")
+
+    def warn(self, key: str, text: str, where: str | None = None) -> None:
+        self.warnings.append(f"{where or self.path}: {key}: {text}")
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _check_method(data, templates, problem, warnings, path) -> None:
+def _check_method(data: dict[str, Any], templates: Collection[str] | None, report: _Report) -> None:
     stage = data.get("stage", "sft")
     if stage not in STAGES:
-        problem("stage", f"{stage!r} is not a LLaMA-Factory stage; use one of {', '.join(STAGES)}")
+        report.problem("stage", f"{stage!r} is not a LLaMA-Factory stage; use one of {', '.join(STAGES)}")
     ftype = data.get("finetuning_type", "lora")
     if ftype not in FINETUNING_TYPES:
-        problem("finetuning_type", f"{ftype!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}")
+        report.problem("finetuning_type", f"{ftype!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}")
     template = data.get("template")
     if template is None:
-        warnings.append(
-            f"{path}: template: not set; LLaMA-Factory then parses the tokenizer's chat template or uses "
-            "'empty'; set the template your model was trained with, e.g. template: qwen"
-        )
+        report.warn("template", "not set; LLaMA-Factory then parses the tokenizer's chat template or uses 'empty'; "
+                    "set the template your model was trained with, e.g. template: qwen")
     elif not isinstance(template, str) or not template.strip():
-        problem("template", f"{template!r} is not a template name; set e.g. template: qwen")
+        report.problem("template", f"{template!r} is not a template name; set e.g. template: qwen")
     elif templates is not None and template not in templates:
-        problem("template", f"{template!r} is not a template of the installed LLaMA-Factory; check the spelling")
+        report.problem("template", f"{template!r} is not a template of the installed LLaMA-Factory; check the spelling")
     if data.get("do_train") is not True:
-        problem("do_train", f"is {data.get('do_train')!r}; llamafleet runs training jobs: set do_train: true")
+        report.problem("do_train", f"is {data.get('do_train')!r}; llamafleet runs training jobs: set do_train: true")
     if not isinstance(data.get("output_dir"), str) or not data["output_dir"].strip():
-        problem("output_dir", "is not set; set output_dir: to a directory name (llamafleet puts it in the job directory)")
+        report.problem("output_dir", "is not set; set it to a directory name (llamafleet puts it in the job directory)")
 
 
-def _number(value: Any, kind: type) -> float | None:
-    """The value as int or float when it is one (bool excluded), else None."""
+def _number(value: Any, kind: type) -> int | float | None:
+    """The value when it is a number of ``kind`` (an int passes as a float; a bool is no number), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if kind is int and not isinstance(value, int):
@@ -269,7 +276,7 @@ def _number(value: Any, kind: type) -> float | None:
     return value
 
 
-def _check_numbers(data, problem) -> None:
+def _check_numbers(data: dict[str, Any], report: _Report) -> None:
     for key, kind, example in (
         ("per_device_train_batch_size", int, 2),
         ("gradient_accumulation_steps", int, 1),
@@ -278,18 +285,22 @@ def _check_numbers(data, problem) -> None:
         if key in data:
             value = _number(data[key], kind)
             if value is None or value < 1:
-                problem(key, f"is {data[key]!r}; it must be an integer >= 1, e.g. {key}: {example}")
+                report.problem(key, f"is {data[key]!r}; it must be an integer >= 1, e.g. {key}: {example}")
     if "learning_rate" in data:
         value = _number(data["learning_rate"], float)
         if value is None or value <= 0:
-            problem("learning_rate", f"is {data['learning_rate']!r}; it must be a number > 0, e.g. learning_rate: 1.0e-4")
+            report.problem("learning_rate", f"is {data['learning_rate']!r}; it must be a number > 0, e.g. 1.0e-4")
+    if "val_size" in data:
+        value = _number(data["val_size"], float)
+        if value is None or value < 0:
+            report.problem("val_size", f"is {data['val_size']!r}; use a fraction (0.1) or a record count (100)")
     max_steps = _number(data.get("max_steps", -1), int)
     if max_steps is None:
-        problem("max_steps", f"is {data['max_steps']!r}; it must be an integer (> 0 to stop after that many steps)")
+        report.problem("max_steps", f"is {data['max_steps']!r}; it must be an integer (> 0: stop after that many)")
     elif max_steps <= 0:
         epochs = _number(data.get("num_train_epochs", 3.0), float)
         if epochs is None or epochs <= 0:
-            problem(
+            report.problem(
                 "num_train_epochs",
                 f"is {data.get('num_train_epochs')!r} and max_steps is not set; training would do nothing: "
                 "set num_train_epochs > 0 (e.g. 3.0) or max_steps > 0",
@@ -300,50 +311,50 @@ def _resolve(base: str, value: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
-def _check_model(data, base, problem, warnings, path) -> str | None:
+def _check_model(data: dict[str, Any], report: _Report) -> str | None:
     name = data.get("model_name_or_path")
+    key = "model_name_or_path"
     if not isinstance(name, str) or not name.strip():
-        problem("model_name_or_path", "is not set; set it to a model directory (with config.json) or a hub id")
+        report.problem(key, "is not set; set it to a model directory (with config.json) or a hub id")
         return None
-    local = _resolve(base, name)
+    local = _resolve(report.base, name)
     if os.path.isdir(local):
         if not os.path.isfile(os.path.join(local, "config.json")):
-            problem("model_name_or_path", f"directory {local} has no config.json; point it at a saved model directory")
+            report.problem(key, f"directory {local} has no config.json; point it at a saved model directory")
         return local
     if not name.startswith((".", "/", "~")) and _HUB_ID.match(name):
-        warnings.append(
-            f"{path}: model_name_or_path: {name!r} is not a directory next to the yaml, so it is taken as a hub id; "
-            "the nodes train offline, so it must already be in the nodes' HF_HOME cache"
-        )
+        report.warn(key, f"{name!r} is not a directory next to the yaml, so it is taken as a hub id; the nodes "
+                    "train offline, so it must already be in the nodes' HF_HOME cache")
         return None
-    problem("model_name_or_path", f"directory {local} does not exist; build or copy the model there, or fix the path")
+    report.problem(key, f"directory {local} does not exist; build or copy the model there, or fix the path")
     return None
 
 
-def _check_deepspeed(data, base, problem) -> tuple[str | None, int | None]:
+def _check_deepspeed(data: dict[str, Any], report: _Report) -> tuple[str | None, int | None]:
     value = data.get("deepspeed")
     if value is None:
         return None, None
     if not isinstance(value, str) or not value.strip():
-        problem("deepspeed", f"is {value!r}; set it to the path of a DeepSpeed JSON config file")
+        report.problem("deepspeed", f"is {value!r}; set it to the path of a DeepSpeed JSON config file")
         return None, None
-    ds_path = _resolve(base, value)
+    ds_path = _resolve(report.base, value)
     try:
         with open(ds_path, encoding="utf-8") as f:
             config = json.load(f)
     except OSError as err:
-        problem("deepspeed", f"cannot read {ds_path} ({err.strerror}); fix the path (relative to the yaml's directory)")
+        report.problem("deepspeed", f"cannot read {ds_path} ({err.strerror}); fix the path (relative to the yaml)")
         return None, None
     except json.JSONDecodeError as err:
-        problem("deepspeed", f"{ds_path} is not valid JSON ({err}); fix the file")
+        report.problem("deepspeed", f"{ds_path} is not valid JSON ({err}); fix the file")
         return None, None
     if not isinstance(config, dict):
-        problem("deepspeed", f"{ds_path} must hold a JSON object (a DeepSpeed config), not {type(config).__name__}")
+        report.problem("deepspeed", f"{ds_path} must hold a JSON object (a DeepSpeed config), "
+                       f"not {type(config).__name__}")
         return None, None
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
-        problem("deepspeed", f"{ds_path}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+        report.problem("deepspeed", f"{ds_path}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
         return None, None
     return ds_path, stage
 
@@ -357,29 +368,40 @@ def _names(value: Any) -> list[str] | None:
     return None
 
 
-def _check_datasets(data, base, path, allow_remote, problems, warnings):
-    def problem(key: str, text: str) -> None:
-        problems.append(f"{path}: {key}: {text}")
+@dataclasses.dataclass(frozen=True)
+class _DatasetContext:
+    """What checking one dataset_info.json entry needs from the yaml."""
 
-    dataset_dir_value = data.get("dataset_dir", "data")
-    if not isinstance(dataset_dir_value, str) or dataset_dir_value == "ONLINE" or dataset_dir_value.startswith("REMOTE:"):
-        problem("dataset_dir", f"is {dataset_dir_value!r}; the nodes train offline: set it to a local directory "
-                "that holds dataset_info.json")
+    info_path: str
+    dataset_dir: str
+    stage: str
+    max_samples: Any
+    allow_remote: bool
+
+
+def _check_datasets(
+    data: dict[str, Any], allow_remote: bool, report: _Report
+) -> tuple[str, str | None, tuple[DatasetRef, ...]]:
+    dir_value = data.get("dataset_dir", "data")
+    if not isinstance(dir_value, str) or dir_value == "ONLINE" or dir_value.startswith("REMOTE:"):
+        report.problem("dataset_dir", f"is {dir_value!r}; the nodes train offline: set it to a local directory "
+                       "that holds dataset_info.json")
         return "", None, ()
-    dataset_dir = _resolve(base, dataset_dir_value)
+    dataset_dir = _resolve(report.base, dir_value)
     wanted: list[tuple[str, str]] = []
     for key, split in (("dataset", "train"), ("eval_dataset", "eval")):
         if data.get(key) is None:
             continue
         names = _names(data[key])
         if names is None or not all(names):
-            problem(key, f"is {data[key]!r}; give dataset names from dataset_info.json, comma-separated or as a list")
+            report.problem(key, f"is {data[key]!r}; give dataset names from dataset_info.json, comma-separated "
+                           "or as a list")
             continue
         wanted += [(name, split) for name in names]
     if data.get("dataset") is None:
-        problem("dataset", f"is not set; name the training dataset(s) defined in {os.path.join(dataset_dir, DATASET_INFO)}")
-    if data.get("eval_dataset") is not None and float(data.get("val_size") or 0) > 1e-6:
-        problem("val_size", "cannot be combined with eval_dataset; remove one of them")
+        report.problem("dataset", f"is not set; name the training dataset(s) defined in {dataset_dir}/{DATASET_INFO}")
+    if data.get("eval_dataset") is not None and (_number(data.get("val_size"), float) or 0) > 1e-6:
+        report.problem("val_size", "cannot be combined with eval_dataset; remove one of them")
     if not wanted:
         return dataset_dir, None, ()
 
@@ -388,104 +410,105 @@ def _check_datasets(data, base, path, allow_remote, problems, warnings):
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
     except OSError as err:
-        problem("dataset_dir", f"{info_path} cannot be read ({err.strerror}); dataset_dir (relative to the yaml's "
-                "directory) must hold dataset_info.json")
+        report.problem("dataset_dir", f"{info_path} cannot be read ({err.strerror}); dataset_dir (relative to the "
+                       "yaml's directory) must hold dataset_info.json")
         return dataset_dir, None, ()
     except json.JSONDecodeError as err:
-        problems.append(f"{info_path}: not valid JSON ({err}); fix the file")
+        report.problems.append(f"{info_path}: not valid JSON ({err}); fix the file")
         return dataset_dir, info_path, ()
     if not isinstance(info, dict):
-        problems.append(f"{info_path}: must hold a JSON object mapping dataset names to their definitions")
+        report.problems.append(f"{info_path}: must hold a JSON object mapping dataset names to their definitions")
         return dataset_dir, info_path, ()
 
     refs = []
-    max_samples = data.get("max_samples")
     for name, split in wanted:
-        key = "dataset" if split == "train" else "eval_dataset"
         if name not in info:
             known = ", ".join(sorted(info)) or "none"
-            problem(key, f"dataset {name!r} is not defined in {info_path} (defined: {known}); add it there or fix the name")
+            report.problem("dataset" if split == "train" else "eval_dataset",
+                           f"dataset {name!r} is not defined in {info_path} (defined: {known}); "
+                           "add it there or fix the name")
             continue
-        ref = _check_entry(name, split, info[name], info_path, dataset_dir, data.get("stage", "sft"), max_samples,
-                           allow_remote, problems, warnings)
+        ref = _check_entry(name, split, info[name], _DatasetContext(
+            info_path=info_path, dataset_dir=dataset_dir, stage=data.get("stage", "sft"),
+            max_samples=data.get("max_samples"), allow_remote=allow_remote), report)
         if ref is not None:
             refs.append(ref)
     return dataset_dir, info_path, tuple(refs)
 
 
-def _check_entry(name, split, entry, info_path, dataset_dir, stage, max_samples, allow_remote, problems, warnings):
-    where = f"{info_path}: dataset {name!r}"
+def _check_entry(name: str, split: str, entry: Any, ctx: _DatasetContext, report: _Report) -> DatasetRef | None:
+    where = f"{ctx.info_path}: dataset {name!r}"
     if not isinstance(entry, dict):
-        problems.append(f"{where}: must be a JSON object with at least \"file_name\"")
+        report.problems.append(f"{where}: must be a JSON object with at least \"file_name\"")
         return None
     remote = [k for k in REMOTE_KEYS if k in entry]
     if remote:
-        text = (f"{where}: {remote[0]}: needs a hub or cloud store, and the nodes train offline; "
-                "download the data and define the dataset with \"file_name\" instead")
-        if not allow_remote:
-            problems.append(text)
+        text = ("needs a hub or cloud store, and the nodes train offline; download the data and define the "
+                "dataset with \"file_name\" instead")
+        if not ctx.allow_remote:
+            report.problem(remote[0], text, where)
             return None
-        warnings.append(text)
+        report.warn(remote[0], text, where)
         return DatasetRef(name=name, split=split, entry=entry, path=None, files=(), samples=None)
-    count = len(problems)
+    count = len(report.problems)
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
-        problems.append(f"{where}: formatting: {formatting!r} is not supported; use one of {', '.join(FORMATS)}")
-    ranking = entry.get("ranking", False) is True
-    if ranking != (stage in RANKING_STAGES):
-        need = "true" if stage in RANKING_STAGES else "false (or leave it out)"
-        problems.append(f"{where}: ranking: is {entry.get('ranking', False)!r} but stage {stage} needs ranking: {need}; "
-                        "use a dataset made for this stage")
+        report.problem("formatting", f"{formatting!r} is not supported; use one of {', '.join(FORMATS)}", where)
+    if (entry.get("ranking", False) is True) != (ctx.stage in RANKING_STAGES):
+        need = "true" if ctx.stage in RANKING_STAGES else "false (or leave it out)"
+        report.problem("ranking", f"is {json.dumps(entry.get('ranking', False))} but stage {ctx.stage} needs "
+                       f"ranking: {need}; use a dataset made for this stage", where)
     for key in ("columns", "tags"):
         if key in entry and not isinstance(entry[key], dict):
-            problems.append(f"{where}: {key}: must be a JSON object")
+            report.problem(key, "must be a JSON object", where)
     file_name = entry.get("file_name")
     if not isinstance(file_name, str) or not file_name:
-        problems.append(f"{where}: file_name: is not set; set it to the data file (or directory) inside {dataset_dir}")
+        report.problem("file_name", f"is not set; set it to the data file (or directory) in {ctx.dataset_dir}", where)
         return None
-    local = os.path.normpath(os.path.join(dataset_dir, file_name))
+    local = os.path.normpath(os.path.join(ctx.dataset_dir, file_name))
     if os.path.isdir(local):
         files = sorted(os.path.join(local, f) for f in os.listdir(local))
     elif os.path.isfile(local):
         files = [local]
     else:
-        problems.append(f"{where}: file_name: {local} does not exist; put the data file there or fix file_name")
+        report.problem("file_name", f"{local} does not exist; put the data file there or fix file_name", where)
         return None
     if not files:
-        problems.append(f"{where}: file_name: directory {local} is empty; put the data files there")
+        report.problem("file_name", f"directory {local} is empty; put the data files there", where)
         return None
     exts = {os.path.splitext(f)[1][1:] for f in files}
     if not exts <= FILE_TYPES.keys() or len({FILE_TYPES[e] for e in exts}) > 1:
-        problems.append(f"{where}: file_name: {local} holds {', '.join(sorted(exts))} files; use one type of "
-                        f"{', '.join(FILE_TYPES)}")
+        report.problem("file_name", f"{local} holds {', '.join(sorted(exts))} files; use files of one type of "
+                       f"{', '.join(FILE_TYPES)}", where)
         return None
-    if len(problems) > count:
+    if len(report.problems) > count:
         return None
-    samples = 0
+    samples: int | None = 0
     for file in files:
-        counted = _check_file(file, where, entry, formatting, problems, warnings)
+        counted = _check_file(file, entry, formatting, where, report)
         samples = None if counted is None or samples is None else samples + counted
     if samples is not None:
         if isinstance(entry.get("num_samples"), int):
             samples = entry["num_samples"]
-        if isinstance(max_samples, int):
-            samples = min(samples, max_samples)
+        if isinstance(ctx.max_samples, int):  # LLaMA-Factory truncates each dataset to max_samples
+            samples = min(samples, ctx.max_samples)
     return DatasetRef(name=name, split=split, entry=entry, path=local, files=tuple(files), samples=samples)
 
 
-def _check_file(file, where, entry, formatting, problems, warnings) -> int | None:
+def _check_file(file: str, entry: dict[str, Any], formatting: str, where: str, report: _Report) -> int | None:
     """Check one data file's first records against the entry; return its record count (None if unknown)."""
     ftype = FILE_TYPES[os.path.splitext(file)[1][1:]]
     if ftype in ("arrow", "parquet"):
-        warnings.append(f"{where}: {file}: {ftype} files are not inspected here; their columns are checked at training")
+        report.warn("file_name", f"{file}: {ftype} files are not inspected here; LLaMA-Factory checks their "
+                    "columns at training", where)
         return None
     try:
         head, count = _read_records(file, ftype)
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
-        problems.append(f"{where}: file_name: {file} cannot be read as {ftype}: {_one_line(err)}; fix the file")
+        report.problem("file_name", f"{file} cannot be read as {ftype}: {_one_line(err)}; fix the file", where)
         return None
     if count == 0:
-        problems.append(f"{where}: file_name: {file} holds no records; add data")
+        report.problem("file_name", f"{file} holds no records; add data", where)
         return None
     present: set[str] = set()
     for record in head:
@@ -494,15 +517,17 @@ def _check_file(file, where, entry, formatting, problems, warnings) -> int | Non
     for attr in _COLUMN_ATTRS[formatting]:
         column = columns.get(attr) if isinstance(columns, dict) else _DEFAULT_COLUMNS.get(attr)
         if column and column not in present:
-            how = "columns." + attr if isinstance(columns, dict) else f"the default for {attr} (no \"columns\" given)"
-            problems.append(
-                f"{where}: columns: column {column!r} ({how}) is not in the records of {file} (they have: "
-                f"{', '.join(sorted(present))}); map {attr} to one of those in \"columns\""
-            )
+            if isinstance(columns, dict):
+                how, fix = f"columns.{attr}", f"set columns.{attr} to one of those, or remove it"
+            else:
+                how = f"the {formatting} default for {attr}; the entry has no \"columns\""
+                fix = "add \"columns\" mapping each part to a key the records have (parts left out are not used)"
+            report.problem("columns", f"column {column!r} ({how}) is not in the records of {file} (they have: "
+                           f"{', '.join(sorted(present))}); {fix}", where)
     if formatting != "alpaca":
         messages = columns.get("messages") if isinstance(columns, dict) else _DEFAULT_COLUMNS["messages"]
         if messages in present:
-            _check_messages(head, messages, entry, file, where, problems)
+            _check_messages(head, messages, entry, file, where, report)
     return count
 
 
@@ -513,9 +538,8 @@ def _read_records(file: str, ftype: str) -> tuple[list[dict[str, Any]], int]:
             rows = csv.DictReader(f)
             head = [r for _, r in zip(range(INSPECT_RECORDS), rows)]
             return head, len(head) + sum(1 for _ in rows)
-        if ftype == "text":
-            count = sum(1 for _ in f)
-            return [{"text": ""}], count
+        if ftype == "text":  # one record per line, in the column "text"
+            return [{"text": ""}], sum(1 for _ in f)
         text = f.read()
     # `datasets` reads a .json/.jsonl file as one JSON array of records, or else as JSON lines.
     if text.lstrip().startswith("["):
@@ -527,21 +551,22 @@ def _read_records(file: str, ftype: str) -> tuple[list[dict[str, Any]], int]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"line {number}: {err.msg} (expected a JSON array or one object per line)") from None
+                    raise ValueError(f"line {number}: {err.msg} (expect a JSON array or one object per line)") from None
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"record {bad} is not a JSON object")
     return records[:INSPECT_RECORDS], len(records)
 
 
-def _check_messages(head, column, entry, file, where, problems) -> None:
-    """Check that messages use the entry's role/content tag keys and role values."""
+def _check_messages(
+    head: list[dict[str, Any]], column: str, entry: dict[str, Any], file: str, where: str, report: _Report
+) -> None:
+    """Check that messages use the entry's role/content tag keys and role values (first problem only)."""
     tags = entry.get("tags")
     tag = dict(_DEFAULT_TAGS) if not isinstance(tags, dict) else {k: tags.get(k) for k in _DEFAULT_TAGS}
-    for key in ("role_tag", "content_tag"):
+    for key, example in (("role_tag", "role"), ("content_tag", "content")):
         if not tag[key]:
-            problems.append(f"{where}: tags: \"tags\" is given without {key}; add it (e.g. \"{key}\": "
-                            f"\"{'role' if key == 'role_tag' else 'content'}\")")
+            report.problem("tags", f"\"tags\" is given without {key}; add it (e.g. \"{key}\": \"{example}\")", where)
             return
     roles = {tag[k] for k in _ROLE_TAGS if tag[k]}
     for index, record in enumerate(head):
@@ -549,21 +574,19 @@ def _check_messages(head, column, entry, file, where, problems) -> None:
         if messages is None:
             continue
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            problems.append(f"{where}: columns: record {index} of {file}: {column!r} must be a list of message objects")
+            report.problem("columns", f"record {index} of {file}: {column!r} must be a list of message objects", where)
             return
         for message in messages:
             for key in ("role_tag", "content_tag"):
                 if tag[key] not in message:
-                    problems.append(
-                        f"{where}: tags: {key} is {tag[key]!r} but record {index} of {file} has messages with keys "
-                        f"{', '.join(sorted(message))}; set \"tags\": {{\"{key}\": ...}} to the right key"
-                    )
+                    report.problem("tags", f"{key} is {tag[key]!r} but record {index} of {file} has messages with "
+                                   f"keys {', '.join(sorted(message))}; set \"tags\": {{\"{key}\": ...}} to the "
+                                   "right key", where)
                     return
             if message[tag["role_tag"]] not in roles:
-                problems.append(
-                    f"{where}: tags: record {index} of {file} has role {message[tag['role_tag']]!r}, which is none "
-                    f"of the role tags ({', '.join(sorted(roles))}); set user_tag/assistant_tag/system_tag in \"tags\""
-                )
+                report.problem("tags", f"record {index} of {file} has role {message[tag['role_tag']]!r}, which is "
+                               f"none of the role tags ({', '.join(sorted(roles))}); set user_tag/assistant_tag/"
+                               "system_tag in \"tags\"", where)
                 return
 
 
@@ -580,7 +603,7 @@ def plan(cfg: TrainingConfig, cluster: Cluster, cpu_only: bool) -> TrainPlan:
     """
     data = cfg.data
     world = cluster.world_size(cpu_only)
-    batch = data.get("per_device_train_batch_size", 8)
+    batch = data.get("per_device_train_batch_size", 8)  # transformers' defaults
     accumulation = data.get("gradient_accumulation_steps", 1)
     effective = batch * world * accumulation
     samples = cfg.train_samples

@@ -116,7 +116,8 @@ def test_env_file_round_trips_through_sh(mixed):
     env = env_for(mixed, "worker1", extra={"LF_TRICKY": "it's a \"test\" with $HOME, `ls` and \\ spaces\nnewline"})
     text = render_env_file(env)
     assert re.findall(r"^export ([A-Z_]+)=", text, re.M) == sorted(env)
-    script = ". /dev/stdin; for k in " + " ".join(sorted(env)) + "; do printf '%s=%s\\0' \"$k\" \"$(printenv \"$k\")\"; done"
+    names = " ".join(sorted(env))
+    script = f". /dev/stdin; for k in {names}; do printf '%s=%s\\0' \"$k\" \"$(printenv \"$k\")\"; done"
     out = subprocess.run(["sh", "-c", script], input=text, capture_output=True, text=True, check=True).stdout
     # printenv output loses only trailing newlines ($(...)); none of the values ends with one
     back = dict(item.split("=", 1) for item in out.split("\0") if item)

@@ -332,7 +332,7 @@ def main():
     if module.check_mode:
         module.exit_json(changed=True, node=node, stack=state)
     if not interpreter:
-        module.fail_json(msg="no %s on this node: install Python %s (or set stack_python to its path)"
+        module.fail_json(msg="no %s on this node: install Python %s (or set llamafleet_python to its path)"
                          % (p["python"], p["python_minor"]), node=node, stack=state)
     os.makedirs(stacks, exist_ok=True)
     with open(os.path.join(stacks, ".lock"), "w") as lockfh:

@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh Debian/Ubuntu machine (as root):
+#   make demo   - set up, then run the main job on the built-in two-node local cluster
+#   make test   - set up, then run the whole test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+APT_PACKAGES := openssh-server openssh-client rsync pdsh pypy3 iproute2 python3-venv
+
+.PHONY: setup system venv demo test test-fast lint bench clean
+
+setup: system venv
+
+# System packages the tests need: sshd for the network-namespace nodes, rsync for transfers,
+# pdsh for benchmark baselines, pypy3 as a second Python minor for drift tests.
+system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e 'python[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llamafleet provision -i inventory/local
+
+test: setup
+	$(VENV)/bin/python -m pytest tests
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ansible-lint
+
+bench: setup
+	$(VENV)/bin/python bench/provision_noop.py
+
+clean:
+	rm -rf .llamafleet

@@ -1,0 +1,9 @@
+"""llamafleet: identical LLaMA-Factory training stacks on many nodes, and multi-node runs, with Ansible."""
+
+from .api import NodeResult, StackResult, check, provision
+from .errors import ConfigError, InventoryError, LlamafleetError, LockError, PlaybookError
+from .parity import ParityReport
+
+__all__ = ["provision", "check", "StackResult", "NodeResult", "ParityReport",
+           "LlamafleetError", "InventoryError", "LockError", "ConfigError", "PlaybookError"]
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""``llamafleet``: parse arguments, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Any
+
+from . import api
+from .errors import LlamafleetError
+from .parity import ParityReport
+from .runner import TaskEvent
+
+
+def _parse_extra(values: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise LlamafleetError(f"-e {v!r}: write extra variables as KEY=VALUE")
+        out[key] = yaml.safe_load(val) if val else ""
+    return out
+
+
+class Progress:
+    """A live per-node view: the task each node is on and how it ended."""
+
+    def __init__(self, console):
+        from rich.live import Live
+
+        self.console = console
+        self.state: dict[str, tuple[str, str]] = {}
+        self.lock = threading.Lock()
+        self.live = Live(self._render(), console=console, refresh_per_second=8, transient=True)
+
+    def _render(self):
+        from rich.table import Table
+
+        t = Table(show_header=True, header_style="bold", box=None)
+        t.add_column("node")
+        t.add_column("status")
+        t.add_column("task")
+        colors = {"failed": "red", "unreachable": "red", "changed": "yellow", "ok": "green", "started": "cyan"}
+        for host, (task, status) in sorted(self.state.items()):
+            t.add_row(host, f"[{colors.get(status, 'white')}]{status}[/]", task)
+        return t
+
+    def __call__(self, ev: TaskEvent) -> None:
+        with self.lock:
+            self.state[ev.host] = (ev.task, ev.status)
+            self.live.update(self._render())
+            if ev.status in ("failed", "unreachable"):
+                self.live.console.print(f"[red]{ev.host}: {ev.status}[/] {ev.task}")
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.__exit__(*exc)
+
+
+def _print_parity(console, report: ParityReport, only_problems: bool) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"stack parity ({report.flavor}, stack-{report.stack_hash})", header_style="bold")
+    t.add_column("component")
+    t.add_column("expected")
+    for n in report.nodes:
+        t.add_column(n)
+    for row in report.rows:
+        if only_problems and row.ok:
+            continue
+        cells = [f"[red]{row.found.get(n, '-')}[/]" if n in row.bad else row.found.get(n, "-") for n in report.nodes]
+        t.add_row(row.component, row.expected, *cells)
+    console.print(t)
+
+
+def _print_result(console, result: api.StackResult) -> None:
+    if result.parity is not None:
+        _print_parity(console, result.parity, only_problems=not result.parity.ok)
+        for w in result.parity.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+    if result.ok:
+        console.print(f"[green]{result.verb} OK[/] on {len(result.nodes)} node(s): "
+                      + ", ".join(f"{n.name} {n.action}" for n in result.nodes))
+    else:
+        console.print(f"[red]{result.verb} FAILED[/]")
+        for e in result.errors:
+            console.print(e, markup=False, highlight=False)
+        if result.parity is not None and not result.parity.ok:
+            for p in result.parity.problems:
+                console.print(f"- {p}", markup=False, highlight=False)
+    if result.report_path:
+        console.print(f"parity report: {result.report_path}", markup=False, highlight=False)
+    console.print(f"log: {result.log_path}", markup=False, highlight=False)
+
+
+def _stack_verb(args, console) -> int:
+    kwargs = dict(limit=args.limit, lock_file=args.lock, flavor=args.flavor, extravars=_parse_extra(args.extra))
+    if args.verb == "provision":
+        kwargs["offline"] = True if args.offline else None
+    fn = api.provision if args.verb == "provision" else api.check
+    if args.json or not console.is_terminal:
+        result = fn(args.inventory, **kwargs)
+    else:
+        with Progress(console) as progress:
+            result = fn(args.inventory, on_event=progress, **kwargs)
+    if args.json:
+        print(result.to_json())
+    else:
+        _print_result(console, result)
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamafleet", description="Identical training stacks and multi-node "
+                                "LLaMA-Factory runs on your GPU servers, with Ansible.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for verb, text in (("provision", "build the lock's stack on every node (or only --limit ones), then prove parity"),
+                       ("check", "probe every node and compare with each other and the lock; changes nothing")):
+        s = sub.add_parser(verb, help=text, description=text)
+        s.add_argument("-i", "--inventory", required=True, help="inventory directory or file (e.g. inventory/local)")
+        s.add_argument("--limit", help="only these nodes (Ansible pattern); parity still compares with every node")
+        s.add_argument("--lock", help="stack lock file (default: the packaged default lock)")
+        s.add_argument("--flavor", help="lock flavor: cpu, cu128, system, ... (default: the inventory's llamafleet_flavor)")
+        if verb == "provision":
+            s.add_argument("--offline", action="store_true", help="build a wheelhouse here and install nodes from it (pip --no-index)")
+        s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+        s.add_argument("--json", action="store_true", help="print the result as JSON")
+        s.set_defaults(func=_stack_verb)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    try:
+        return args.func(args, console)
+    except LlamafleetError as exc:
+        print(f"llamafleet: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llamafleet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one place that runs playbooks: ansible-runner, a fresh private data dir per run, events -> per-host results.
+
+Nothing secret is written to disk by a run: env files are suppressed (extra vars travel on the
+command line), the private data dir (events, artifacts) is deleted after the run, and what is
+kept is the plain-text log of the run under ``<state_dir>/logs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import InventoryError, LlamafleetError
+from .paths import PROJECT_DIR, state_dir
+
+# Only these environment variables reach ansible-playbook (plus ANSIBLE_*): a run is reproducible
+# and no unrelated secret of the caller's environment leaks into it.
+_ENV_ALLOW = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TMPDIR", "SSH_AUTH_SOCK", "PATH",
+              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+              "PIP_CONFIG_FILE", "PIP_CERT", "PIP_FIND_LINKS", "PIP_DEFAULT_TIMEOUT", "REQUESTS_CA_BUNDLE")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEvent:
+    """One thing that happened on one host, for progress views."""
+
+    host: str
+    task: str
+    status: str  # started | ok | changed | failed | unreachable | skipped
+    message: str = ""
+
+
+@dataclasses.dataclass
+class HostOutcome:
+    host: str
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: int = 0
+    skipped: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PlaybookResult:
+    rc: int
+    status: str
+    hosts: dict[str, HostOutcome]
+    results: dict[str, dict[str, Any]]  # task action -> host -> result (llamafleet.cluster.* actions only)
+    log_path: Path
+    stdout_tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not any(h.failed or h.unreachable for h in self.hosts.values())
+
+    def failure_messages(self) -> list[str]:
+        msgs: list[str] = []
+        for h in self.hosts.values():
+            msgs += h.failures
+        if not msgs and self.rc != 0:
+            # Failed before any task: Ansible's own error (inventory parse, syntax, missing file).
+            errors = [line for line in self.stdout_tail.splitlines() if "ERROR" in line or "error" in line.lower()]
+            msgs.append("\n".join(errors[-8:]) or self.stdout_tail[-2000:] or f"ansible-playbook exited {self.rc}")
+        return msgs
+
+
+def _environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _ENV_ALLOW or k.startswith("ANSIBLE_")}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["ANSIBLE_CONFIG"] = str(PROJECT_DIR / "ansible.cfg")
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    env["ANSIBLE_NOCOLOR"] = "1"
+    return env
+
+
+def check_inventory_path(inventory: str | os.PathLike) -> Path:
+    path = Path(inventory).expanduser()
+    if not path.exists():
+        raise InventoryError(f"inventory {path} does not exist: pass the directory or file that lists your nodes "
+                             "(e.g. -i inventory/local, or a copy of inventory/sample)")
+    return path.resolve()
+
+
+def _message(res: Mapping[str, Any]) -> str:
+    msg = res.get("msg") or ""
+    if not msg and res.get("stderr"):
+        msg = str(res["stderr"]).strip().splitlines()[-1]
+    if isinstance(msg, list):
+        msg = "\n".join(str(m) for m in msg)
+    return str(msg).strip()
+
+
+def run_playbook(
+    playbook: str,
+    inventory: str | os.PathLike,
+    *,
+    extravars: Mapping[str, Any] | None = None,
+    limit: str | None = None,
+    on_event: Callable[[TaskEvent], None] | None = None,
+    cancel: threading.Event | None = None,
+    verb: str | None = None,
+) -> PlaybookResult:
+    """Run ``playbooks/<playbook>`` against the inventory; never raises for a failed play."""
+    import ansible_runner  # imported here: `llamafleet --help` should not pay for it
+
+    inv = check_inventory_path(inventory)
+    sdir = state_dir()
+    logs = sdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    log_path = logs / f"{verb or Path(playbook).stem}-{stamp}.log"
+    pdd = Path(tempfile.mkdtemp(prefix="runner-", dir=sdir))
+    hosts: dict[str, HostOutcome] = {}
+    results: dict[str, dict[str, Any]] = {}
+
+    def outcome(host: str) -> HostOutcome:
+        return hosts.setdefault(host, HostOutcome(host))
+
+    def handle(event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host") or ""
+        task = data.get("task") or ""
+        res = data.get("res") or {}
+        action = data.get("task_action") or ""
+        if kind == "runner_on_start" and host:
+            _emit(TaskEvent(host, task, "started"))
+        elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped") and host:
+            o = outcome(host)
+            if kind == "runner_on_ok":
+                status = "changed" if res.get("changed") else "ok"
+                o.ok += 1
+                o.changed += bool(res.get("changed"))
+            elif kind == "runner_on_skipped":
+                status = "skipped"
+                o.skipped += 1
+            elif kind == "runner_on_unreachable":
+                status = "unreachable"
+                o.unreachable += 1
+                o.failures.append(f"{host}: unreachable: {_message(res)}. Check that the node is up, its ssh address "
+                                  "(ansible_host) and that its host key is in your known_hosts")
+            else:
+                status = "failed"
+                if data.get("ignore_errors"):
+                    status = "ok"
+                else:
+                    o.failed += 1
+                    msg = _message(res)
+                    # A run_once action judges all nodes: its message already names each host.
+                    o.failures.append(msg if action.startswith("llamafleet.cluster.") and not action.endswith(".node")
+                                      else f"{host}: {task}: {msg}")
+            if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped":
+                results.setdefault(action.rsplit(".", 1)[-1], {})[host] = res
+            _emit(TaskEvent(host, task, status, _message(res) if status in ("failed", "unreachable") else ""))
+        elif kind == "runner_item_on_ok" and action.startswith("llamafleet.cluster.") and res.get("item"):
+            results.setdefault(action.rsplit(".", 1)[-1], {})[str(res["item"])] = res
+        return False  # do not keep the event on disk beyond the run
+
+    def _emit(ev: TaskEvent) -> None:
+        if on_event:
+            on_event(ev)
+
+    extra = dict(extravars or {})
+    extra.setdefault("llamafleet_state_dir", str(sdir))
+    try:
+        r = ansible_runner.run(
+            private_data_dir=str(pdd),
+            project_dir=str(PROJECT_DIR),
+            playbook=str(PROJECT_DIR / "playbooks" / playbook),
+            inventory=str(inv),
+            limit=limit,
+            extravars=extra,
+            envvars=_environment(),
+            suppress_env_files=True,
+            quiet=True,
+            json_mode=False,
+            event_handler=handle,
+            cancel_callback=(lambda: cancel.is_set()) if cancel else None,
+            settings={"suppress_ansible_output": True},
+        )
+        stdout = ""
+        try:
+            stdout = _ANSI.sub("", r.stdout.read())
+        except Exception:  # noqa: BLE001 - a missing stdout must not hide the result
+            pass
+        log_path.write_text(stdout)
+        rc = r.rc if isinstance(r.rc, int) else 1
+        if rc == 127 or (not hosts and r.status == "failed" and "ansible-playbook" in stdout and "not found" in stdout):
+            raise LlamafleetError(f"ansible-playbook was not found next to {sys.executable}: install llamafleet "
+                                  "with pip in this environment (pip install -e python)")
+        return PlaybookResult(rc=rc, status=r.status, hosts=hosts, results=results, log_path=log_path,
+                              stdout_tail=stdout[-6000:])
+    finally:
+        shutil.rmtree(pdd, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the project, the CLI, and a real-SSH testbed of network-namespace nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+TESTS = PROJECT / "tests"
+LIGHT_LOCK = TESTS / "locks" / "light.yml"
+sys.path.insert(0, str(TESTS))
+
+
+def _can_make_hosts() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, sshd)"
+    for tool in ("ip", "unshare", "rsync"):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    if not Path("/usr/sbin/sshd").exists():
+        return "needs openssh-server (make setup installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    """Three nodes, each a network namespace with its own sshd, IP, hostname and host key."""
+    why = _can_make_hosts()
+    if why:
+        pytest.skip(why)
+    from testbed import Testbed
+
+    tb = Testbed(tmp_path_factory.mktemp("testbed"), nodes=3, slot=1)
+    tb.up()
+    yield tb
+    tb.down()
+
+
+@pytest.fixture
+def cli():
+    """Run the `llamafleet` CLI as a user does; returns the CompletedProcess."""
+    exe = Path(sys.executable).parent / "llamafleet"
+
+    def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT)
+
+    return run

@@ -1,0 +1,86 @@
+import textwrap
+
+import pytest
+
+from llamafleet import lock, parity
+
+
+@pytest.fixture
+def stack(tmp_path):
+    p = tmp_path / "lock.yml"
+    p.write_text(textwrap.dedent("""
+        schema: 1
+        python: "3.11"
+        components: [torch, deepspeed, transformers]
+        flavors:
+          cpu: {packages: {torch: "2.13.0"}}
+          cu128: {cuda: "12.8", driver_min: "570.26", packages: {torch: "2.9.1", nvidia-nccl-cu12: "2.27.5"}}
+        packages: {deepspeed: "0.19.8", transformers: "5.6.0"}
+    """))
+    return lambda flavor="cpu": lock.load_stack(p, flavor)
+
+
+def insp(python="3.11.7", gpus=(), driver=None, **pkgs):
+    packages = {"torch": "2.13.0+cpu", "deepspeed": "0.19.8", "transformers": "5.6.0", "pip": "23.2"}
+    packages.update({k.replace("_", "-"): v for k, v in pkgs.items() if v is not None})
+    for k, v in pkgs.items():
+        if v is None:
+            packages.pop(k.replace("_", "-"))
+    return {"node": {"driver": driver, "gpus": list(gpus), "nvcc": None},
+            "stack": {"status": "ok", "path": "/v", "probe": {"python": python, "packages": packages}}}
+
+
+def test_identical_nodes_pass_and_local_label_matches_the_pin(stack):
+    r = parity.compare(stack(), {"a": insp(), "b": insp()})
+    assert r.ok, r.format()
+    torch_row = next(x for x in r.rows if x.component == "torch")
+    assert torch_row.found == {"a": "2.13.0+cpu", "b": "2.13.0+cpu"}
+
+
+@pytest.mark.parametrize("bad, component", [
+    (insp(torch="2.14.1"), "torch"),
+    (insp(deepspeed="0.19.7"), "deepspeed"),
+    (insp(transformers="5.5.0"), "transformers"),
+    (insp(python="3.9.16"), "python"),
+    (insp(tomli="2.0.1"), "tomli"),
+    (insp(transformers=None), "transformers"),
+])
+def test_drift_names_node_and_component(stack, bad, component):
+    r = parity.compare(stack(), {"a": insp(), "b": bad, "c": insp()})
+    assert not r.ok
+    row = next(x for x in r.rows if x.component == component)
+    assert row.bad == ("b",)
+    assert any(p.startswith(f"b: {component} is") for p in r.problems), r.problems
+    assert component in r.table(only_problems=True) and " !" in r.table(only_problems=True)
+
+
+def test_same_pin_different_local_builds_differ_between_nodes(stack):
+    r = parity.compare(stack(), {"a": insp(), "b": insp(torch="2.13.0+cu126")})
+    assert not r.ok
+    assert "nodes differ" in " ".join(r.problems)
+
+
+def test_missing_venv_is_a_problem_with_the_fix(stack):
+    missing = {"node": {}, "stack": {"status": "absent", "path": "/x/stacks/stack-1"}}
+    r = parity.compare(stack(), {"a": insp(), "b": missing})
+    assert not r.ok and "b: no complete stack venv" in r.problems[0] and "run provision" in r.problems[0]
+
+
+def test_cuda_flavor_checks_driver_gpus_and_nccl(stack):
+    gpu = [{"name": "NVIDIA H100", "memory_mib": 81559}]
+    good = insp(gpus=gpu * 8, driver="580.159.04", torch="2.9.1", nvidia_nccl_cu12="2.27.5")
+    good["stack"]["probe"]["torch_cuda"] = "12.8"
+    old = insp(gpus=gpu * 8, driver="550.54.15", torch="2.9.1", nvidia_nccl_cu12="2.27.5")
+    old["stack"]["probe"]["torch_cuda"] = "12.8"
+    r = parity.compare(stack("cu128"), {"a": good, "b": old}, gpus={"a": 8, "b": 8})
+    assert [x.component for x in r.rows if not x.ok] == ["nvidia driver"]
+    few = insp(gpus=gpu * 4, driver="580.159.04", torch="2.9.1", nvidia_nccl_cu12="2.27.5")
+    few["stack"]["probe"]["torch_cuda"] = "12.8"
+    r = parity.compare(stack("cu128"), {"a": good, "b": few}, gpus={"a": 8, "b": 8})
+    assert [x.component for x in r.rows if not x.ok] == ["gpus"]
+
+
+def test_report_round_trips_through_json(stack):
+    r = parity.compare(stack(), {"a": insp(), "b": insp(torch="2.14.1")})
+    again = parity.ParityReport.from_dict(r.to_dict())
+    assert again.table() == r.table() and again.problems == r.problems

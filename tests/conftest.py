@@ -46,7 +46,8 @@ def cli():
     """Run the `llamafleet` CLI as a user does; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "llamafleet"
 
-    def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT)
+    def run(*args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT,
+                              env={**os.environ, **(env or {})})
 
     return run

@@ -103,7 +103,7 @@ def _keygen(path: pathlib.Path, comment: str) -> None:
 
 
 class Testbed:
-    __test__ = False
+    __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, workdir: pathlib.Path, nodes: int, slot: int = 0):
         if not 0 <= slot <= 9:
@@ -153,11 +153,7 @@ class Testbed:
     def down(self) -> None:
         """Kill every process of this slot's nodes and delete its network. Files are kept."""
         prefix = f"lf{self.slot}n"
-        namespaces = [
-            line.split()[0]
-            for line in _ip("netns", "list", check=False).stdout.splitlines()
-            if re.fullmatch(rf"{prefix}\d+", line.split()[0])
-        ]
+        namespaces = re.findall(rf"^({prefix}\d+)\b", _ip("netns", "list", check=False).stdout, re.M)
         pids: set[int] = set()
         for ns in namespaces:
             pids.update(int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split())
@@ -251,6 +247,15 @@ class Testbed:
     def _sshd_config(self, node: TestNode) -> pathlib.Path:
         return self.workdir / "sshd" / f"{node.name}.conf"
 
+    def _sshd_log(self, node: TestNode) -> pathlib.Path:
+        return self.workdir / "sshd" / f"{node.name}.log"
+
+    def _sshd_log_tail(self, node: TestNode) -> str:
+        try:
+            return " | ".join(self._sshd_log(node).read_text().splitlines()[-5:])
+        except OSError:
+            return "(no log)"
+
     def _pid_file_pids(self) -> set[int]:
         """sshd pids from this workdir's pid files, only if the process still is that sshd."""
         pids = set()
@@ -320,46 +325,51 @@ class Testbed:
         """Start one sshd per node in its namespace and its own UTS namespace (hostname).
 
         sshd daemonizes itself (the launcher exits once the config is read), in a new session so
-        that it outlives the caller; a bad config shows as the launcher's exit status.
+        that it outlives the caller; a bad config shows as the launcher's exit status. sshd
+        writes its errors, those of the config included, to its -E log, not to stderr.
         """
         launchers = {}
         for node in self.nodes:
-            log = self.workdir / "sshd" / f"{node.name}.log"
             argv = [
                 "ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c",
                 f'hostname "$1" && exec {SSHD} -f "$2" -E "$3"', "sh",
-                node.name, str(self._sshd_config(node)), str(log),
+                node.name, str(self._sshd_config(node)), str(self._sshd_log(node)),
             ]
-            launchers[node.name] = subprocess.Popen(
+            launchers[node] = subprocess.Popen(
                 argv, start_new_session=True, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
-        for name, proc in launchers.items():
+        for node, proc in launchers.items():
             _, err = proc.communicate()
             if proc.returncode != 0:
-                raise RuntimeError(f"sshd of {name} failed to start (rc={proc.returncode}): {err.strip()}")
+                raise RuntimeError(
+                    f"sshd of {node.name} failed to start (rc={proc.returncode}): "
+                    f"{err.strip()} {self._sshd_log_tail(node)}"
+                )
 
     def _wait_ready(self) -> None:
         """Poll every node with a real `ssh true` until all accept connections."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = {n.name: n for n in self.nodes}
+        pending = list(self.nodes)
         errors: dict[str, str] = {}
         while pending:
             probes = {
-                name: subprocess.Popen(
-                    ["ssh", *self.ssh_args(), n.ip, "true"], stdin=subprocess.DEVNULL,
+                node: subprocess.Popen(
+                    ["ssh", *self.ssh_args(), node.ip, "true"], stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )
-                for name, n in pending.items()
+                for node in pending
             }
-            for name, proc in probes.items():
+            for node, proc in probes.items():
                 _, err = proc.communicate()
                 if proc.returncode == 0:
-                    del pending[name]
+                    pending.remove(node)
                 else:
-                    errors[name] = err.strip()
+                    errors[node.name] = err.strip()
             if pending and time.monotonic() >= deadline:
-                detail = "; ".join(f"{name}: {errors[name]}" for name in pending)
+                detail = "; ".join(
+                    f"{n.name} ({n.ip}): {errors[n.name]} [sshd log: {self._sshd_log_tail(n)}]" for n in pending
+                )
                 raise TimeoutError(f"sshd not reachable after {READY_TIMEOUT_S:.0f} s on {detail}")
             if pending:
                 time.sleep(POLL_S)

@@ -105,7 +105,7 @@ def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
         elif o.failed:
             action = "failed"
         else:
-            action = res.get("action") or "inspected"
+            action = res.get("action") or ("unchanged" if verb == "provision" else "inspected")
         nodes.append(NodeResult(name=name, ok=bool(o) and not (o.failed or o.unreachable),
                                 changed=o.changed if o else 0, action=action,
                                 venv=(res.get("stack") or {}).get("path"),

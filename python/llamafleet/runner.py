@@ -70,9 +70,24 @@ class PlaybookResult:
             msgs += h.failures
         if not msgs and self.rc != 0:
             # Failed before any task: Ansible's own error (inventory parse, syntax, missing file).
-            errors = [line for line in self.stdout_tail.splitlines() if "ERROR" in line or "error" in line.lower()]
-            msgs.append("\n".join(errors[-8:]) or self.stdout_tail[-2000:] or f"ansible-playbook exited {self.rc}")
+            msgs.append(_ansible_error(self.stdout_tail) or f"ansible-playbook exited {self.rc}")
         return msgs
+
+
+def _ansible_error(stdout: str) -> str:
+    """The one useful sentence of an error Ansible raised before running any task."""
+    bad_inv = re.search(r"Completely failed to parse inventory source (\S+)", stdout)
+    if bad_inv:
+        reason = re.search(r"Failed to parse inventory with '(?:auto|yaml)' plugin: (.+)", stdout)
+        origin = re.search(r"Origin: (/\S+:\d+:\d+)", stdout)
+        text = f"inventory {bad_inv.group(1)} is not valid"
+        if reason:
+            text += f": {reason.group(1).strip()}"
+        if origin:
+            text += f" (at {origin.group(1)})"
+        return text + ". Fix the file (inventory/sample/hosts.yml shows the expected shape)."
+    errors = [line for line in stdout.splitlines() if "ERROR" in line]
+    return "\n".join(errors[-8:]) or stdout[-2000:].strip()
 
 
 def _environment() -> dict[str, str]:
@@ -95,8 +110,9 @@ def check_inventory_path(inventory: str | os.PathLike) -> Path:
 
 def _message(res: Mapping[str, Any]) -> str:
     msg = res.get("msg") or ""
-    if not msg and res.get("stderr"):
-        msg = str(res["stderr"]).strip().splitlines()[-1]
+    if res.get("stderr") and (not msg or msg == "non-zero return code"):
+        # a command's own words say more than Ansible's summary of them
+        msg = " / ".join(str(res["stderr"]).strip().splitlines()[-3:])
     if isinstance(msg, list):
         msg = "\n".join(str(m) for m in msg)
     return str(msg).strip()
@@ -161,7 +177,8 @@ def run_playbook(
                     # A run_once action judges all nodes: its message already names each host.
                     o.failures.append(msg if action.startswith("llamafleet.cluster.") and not action.endswith(".node")
                                       else f"{host}: {task}: {msg}")
-            if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped":
+            # A loop's closing event carries only its items, which arrived one by one below.
+            if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped" and "results" not in res:
                 results.setdefault(action.rsplit(".", 1)[-1], {})[host] = res
             _emit(TaskEvent(host, task, status, _message(res) if status in ("failed", "unreachable") else ""))
         elif kind == "runner_item_on_ok" and action.startswith("llamafleet.cluster.") and res.get("item"):

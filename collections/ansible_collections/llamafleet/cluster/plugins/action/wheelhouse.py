@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +40,16 @@ class ActionModule(ActionBase):
                "--no-input", "-d", str(dest), *pip_args, *reqs]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
-            result.update(failed=True, msg=f"building the offline wheelhouse for {stack.lock_file} failed:\n{tail}")
+            text = proc.stdout + proc.stderr
+            missing = re.findall(r"No matching distribution found for (\S+)", text)
+            if missing:
+                msg = (f"the stack lock {stack.lock_file} pins versions that do not exist on the package index: "
+                       f"{', '.join(missing)}. Fix these pins in the lock; nothing was installed.")
+            else:
+                tail = "\n".join(text.strip().splitlines()[-12:])
+                msg = f"building the offline wheelhouse for {stack.lock_file} failed; nothing was installed:\n{tail}"
+            shutil.rmtree(dest, ignore_errors=True)
+            result.update(failed=True, msg=msg)
             return result
         (dest / MARKER).write_text(stack.hash)
         result["changed"] = True

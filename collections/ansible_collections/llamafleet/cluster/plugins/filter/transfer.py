@@ -11,8 +11,9 @@ def rsync_argv(hostvars, src, dest, delete=True):
 
     Host keys are checked exactly as Ansible's connection checks them: the node's
     ansible_ssh_common_args (e.g. its UserKnownHostsFile) are passed to ssh unchanged.
+    --itemize-changes prints one line per file transferred: no output means nothing changed.
     """
-    argv = ["rsync", "-a", "--mkpath"]
+    argv = ["rsync", "-a", "--mkpath", "--itemize-changes"]
     if delete:
         argv.append("--delete")
     src = src.rstrip("/") + "/"

@@ -113,6 +113,8 @@ MARKER = ".llamafleet-complete"
 # Installed by venv/ensurepip, not by the lock: never reported as extras.
 _BASELINE = {"pip", "setuptools", "wheel", "distribute"}
 _CRED = re.compile(r"(://)[^/@\s]+@")
+_NETWORK = re.compile(r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
+                      r"Failed to establish a new connection|Connection refused|No route to host")
 
 
 def _canon(name):
@@ -169,7 +171,8 @@ def _stack_state(p, venv):
         state["status"] = "incomplete"
         return state
     if ".".join(probe["python"].split(".")[:2]) != p["python_minor"]:
-        state["status"] = "incomplete"
+        # Another interpreter: the venv cannot be repaired in place, only rebuilt.
+        state["status"] = "wrong-python"
         state["drift"].append("python %s (lock: %s)" % (probe["python"], p["python_minor"]))
         return state
     expected = _expected(p["requirements"])
@@ -198,6 +201,11 @@ def _pip(module, venv, args, what):
     rc, out, err = run(pip + args, timeout=3600)
     if rc != 0:
         text = _redact((out or "") + (err or ""))
+        if _NETWORK.search(text) and "--no-index" not in args:
+            raise InstallError("%s: this node cannot reach its package index (%s). Use offline mode "
+                               "(stack_offline: true, or llamafleet provision --offline) to install from a wheelhouse "
+                               "pushed from the controller, or fix the node's network/proxy."
+                               % (what, _NETWORK.search(text).group(0)))
         missing = re.findall(r"No matching distribution found for (\S+)", text)
         if missing:
             raise InstallError("%s: %s is not available from this node's package source (%s). Fix the pin in "

@@ -25,8 +25,13 @@ $(VENV)/.installed: python/pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e 'python[dev]'
 	touch $@
 
+# The main job: provision the two local nodes, build the tiny model with a node's own stack
+# (the controller needs no torch), then train it across both nodes and follow it.
 demo: setup
 	$(VENV)/bin/llamafleet provision -i inventory/local
+	test -f examples/tiny/model/config.json || .llamafleet/local/local1/stacks/current/bin/python \
+	  python/llamafleet/tinymodel.py examples/tiny/model --data examples/tiny/data/tiny_alpaca.jsonl
+	$(VENV)/bin/llamafleet train -i inventory/local examples/tiny/sft_lora.yaml --follow
 
 test: setup
 	$(VENV)/bin/python -m pytest tests

@@ -51,3 +51,18 @@ def cli():
                               env={**os.environ, **(env or {})})
 
     return run
+
+
+@pytest.fixture(scope="session")
+def default_stack(testbed, tmp_path_factory):
+    """The real default lock (torch, deepspeed, llamafactory, ...) provisioned over SSH on every
+    testbed node, offline from a wheelhouse the controller builds. Shared by the slow tests."""
+    from llamafleet import provision
+
+    roots = tmp_path_factory.mktemp("default-roots")
+    path = testbed.write_inventory(roots / "inventory" / "hosts.yml",
+                                   extra_host_vars={n.name: {"llamafleet_root": str(roots / n.name)} for n in testbed.nodes},
+                                   extra_group_vars={"stack_offline": True})
+    result = provision(path)
+    assert result.ok, result.format()
+    return path, roots

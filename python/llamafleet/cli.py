@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 from typing import Any
 
-from . import api
+from . import api, training
 from .errors import LlamafleetError
 from .parity import ParityReport
 from .runner import TaskEvent
@@ -116,6 +117,94 @@ def _stack_verb(args, console) -> int:
     return 0 if result.ok else 1
 
 
+class TrainProgress:
+    """A live progress bar from rank 0's trainer_log.jsonl: step/total, loss, ETA."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
+        self.task = self.bar.add_task("training", total=None, info="waiting for the first step")
+
+    def __call__(self, st: training.RunStatus) -> None:
+        p = st.progress or {}
+        info = " ".join(f"{n.name}:{n.state}" for n in st.nodes)
+        if p:
+            loss = f"loss {p['loss']:.4f} " if isinstance(p.get("loss"), (int, float)) else ""
+            info = f"{loss}eta {p.get('remaining_time', '?')} | {info}"
+            self.bar.update(self.task, total=p.get("total_steps"), completed=p.get("current_steps") or 0, info=info)
+        else:
+            self.bar.update(self.task, info=info)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+
+def _print_train(console, result: training.TrainResult) -> None:
+    if result.summary:
+        console.print(result.summary, markup=False, highlight=False)
+    color = "green" if result.ok else "red"
+    console.print(f"[{color}]run {result.run_id}: {result.state}[/]")
+    for e in result.errors:
+        console.print(e, markup=False, highlight=False)
+    for what, path in result.outputs.items():
+        console.print(f"{what}: {path}", markup=False, highlight=False)
+    if result.run_dir:
+        console.print(f"run directory: {result.run_dir}", markup=False, highlight=False)
+    if result.log_path:
+        console.print(f"log: {result.log_path}", markup=False, highlight=False)
+
+
+def _train(args, console) -> int:
+    kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
+                  dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
+                  follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra))
+    if args.json or not console.is_terminal:
+        result = training.train(args.inventory, args.config, **kwargs,
+                                on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
+    else:
+        with Progress(console) as progress:
+            result = training.train(args.inventory, args.config, **{**kwargs, "follow_run": False}, on_event=progress)
+        if result.ok and args.follow and not args.dry_run:
+            with TrainProgress(console) as bar:
+                done = training.follow(args.inventory, result.run_id, start_timeout_s=args.start_timeout,
+                                       extravars=kwargs["extravars"], on_status=bar)
+            import dataclasses
+
+            result = dataclasses.replace(done, plan=result.plan, summary=result.summary, log_path=result.log_path)
+    if args.json:
+        print(result.to_json())
+    else:
+        _print_train(console, result)
+    return 0 if result.ok else 1
+
+
+def _run_verb(args, console) -> int:
+    extra = _parse_extra(args.extra)
+    if args.verb == "stop":
+        st = training.stop(args.inventory, args.run_id, extravars=extra)
+    else:
+        st = training.status(args.inventory, args.run_id, log_lines=getattr(args, "lines", 20), extravars=extra)
+    if args.json:
+        print(json.dumps(st.to_dict(), indent=2, sort_keys=True))
+        return 0
+    if args.verb == "logs":
+        for n in st.nodes:
+            if args.node and n.name != args.node:
+                continue
+            console.print(f"==> {n.name} ({n.state}) <==", markup=False, highlight=False)
+            for line in n.log_tail:
+                console.print(line, markup=False, highlight=False)
+        return 0
+    console.print(f"run {st.run_id or '(none)'}: " + st.format_line(), markup=False, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamafleet", description="Identical training stacks and multi-node "
                                 "LLaMA-Factory runs on your GPU servers, with Ansible.")
@@ -132,6 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
         s.add_argument("--json", action="store_true", help="print the result as JSON")
         s.set_defaults(func=_stack_verb)
+    t = sub.add_parser("train", help="validate, sync and start a LLaMA-Factory yaml on every node (--follow to watch it)")
+    t.add_argument("config", help="your LLaMA-Factory training yaml, unchanged")
+    t.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+    t.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
+                   help="torchrun: llamafactory-cli under FORCE_TORCHRUN on every node; deepspeed: DeepSpeed's launcher")
+    t.add_argument("--port", type=int, help="rendezvous port on the master (default 29500)")
+    t.add_argument("--run-id", help="an existing run's id to continue it from its last checkpoint, or a new id")
+    t.add_argument("--replace", action="store_true", help="stop a run still active on the nodes instead of refusing")
+    t.add_argument("--dry-run", action="store_true", help="print the plan, each node's command, environment and hostfile; change nothing")
+    t.add_argument("--follow", action="store_true", help="follow the run: progress, stop all ranks if one fails, collect outputs")
+    t.add_argument("--shared-inputs", action="store_true", help="data is already on every node at the same paths (NFS): verify, do not copy")
+    t.add_argument("--no-sync-model", action="store_true", help="do not copy a local model directory to the nodes")
+    t.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
+    t.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.set_defaults(func=_train)
+    for verb, text in (("status", "where a run stands on every node"), ("logs", "the last log lines of every node"),
+                       ("stop", "stop every rank of a run on every node")):
+        s = sub.add_parser(verb, help=text, description=text)
+        s.add_argument("run_id", nargs="?", help="run id (default: each node's active run)")
+        s.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+        if verb == "logs":
+            s.add_argument("--node", help="only this node")
+            s.add_argument("-n", "--lines", type=int, default=50, help="lines per node (default 50)")
+        s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+        s.add_argument("--json", action="store_true", help="print as JSON")
+        s.set_defaults(func=_run_verb)
     return p
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shlex
 
 
-def rsync_argv(hostvars, src, dest, delete=True):
-    """argv for `rsync` from the controller to the node described by ``hostvars``.
+def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=()):
+    """argv for `rsync` from the controller to the node described by ``hostvars`` (``pull``: the other way).
 
     Host keys are checked exactly as Ansible's connection checks them: the node's
     ansible_ssh_common_args (e.g. its UserKnownHostsFile) are passed to ssh unchanged.
@@ -16,6 +16,7 @@ def rsync_argv(hostvars, src, dest, delete=True):
     argv = ["rsync", "-a", "--mkpath", "--itemize-changes"]
     if delete:
         argv.append("--delete")
+    argv += [f"--exclude={e}" for e in excludes]
     src = src.rstrip("/") + "/"
     if hostvars.get("ansible_connection") == "local":
         return argv + [src, dest.rstrip("/") + "/"]
@@ -30,6 +31,8 @@ def rsync_argv(hostvars, src, dest, delete=True):
     user = hostvars.get("ansible_user")
     host = hostvars.get("ansible_host") or hostvars["inventory_hostname"]
     target = f"{user}@{host}" if user else host
+    if pull:
+        return argv + ["-e", shlex.join(ssh), f"{target}:{src}", dest.rstrip("/") + "/"]
     return argv + ["-e", shlex.join(ssh), src, f"{target}:{dest.rstrip('/')}/"]
 
 

@@ -1,0 +1,618 @@
+#!/usr/bin/env python3
+"""Benchmark (issue 2): no-op re-provision of N network-namespace nodes against pdsh on the same nodes.
+
+    .venv/bin/python bench/provision_noop.py [--nodes 8] [--rounds 5] [--workdir DIR] [--slot 2]
+
+Brings up a testbed (tests/testbed.py: one netns + real sshd per node), provisions the light lock
+once (offline) so that every later run is a no-op, then runs N rounds of, in this order:
+
+  ansible-playbook      ansible-playbook provision.yml from the project dir (its ansible.cfg:
+                        pipelining, ControlPersist), -e llamafleet_lock_file, -e stack_offline
+  library provision()   llamafleet.provision(inv, lock_file=..., offline=True) (ansible-runner)
+  pdsh (ControlPersist) pdsh -S -R ssh -w IP,... true with the inventory's ssh options and
+                        ControlMaster/ControlPersist like ansible.cfg: the baseline of the target
+  pdsh (plain)          the same without connection sharing (a new SSH connection per node)
+  floor: no-task play   ansible-playbook of a play with no tasks (startup cost of the CLI)
+  floor: 1 ping task    ansible-playbook of one ping task per node, same tuning (the least a
+                        one-task-per-node playbook costs)
+  ref: pipelining off   provision.yml with Ansible's default connection settings (no pipelining,
+                        default ssh_args, own control path dir)
+  ref: naive playbook   bench/naive_noop.yml: gather_facts + one task per check, Ansible defaults
+
+A round-0 warm-up of every method is run first and not counted (it opens the persistent
+connections). Per run it measures wall seconds, controller CPU seconds and node CPU seconds per
+node; every Ansible run must report changed=0 / failed=0 / unreachable=0 for every node, and every
+pdsh run must exit 0, or the run counts as an error. Prints a table, writes
+bench/results/provision_noop-<date>.json, and a task profile of one extra ansible-playbook run.
+Exits non-zero only on errors; missing the target (ratio <= 5) prints MISS.
+
+CPU accounting (method printed and saved):
+  cgroup v2 (preferred): one cgroup per node holding that node's sshd listener, so every session
+    and command started over SSH on the node is counted (cpu.stat usage_usec); one cgroup for the
+    controller side holding this process and therefore everything it starts, ansible-playbook,
+    forks, ssh clients and the ssh ControlMaster processes included.
+  /proc (fallback): CPU of the live process tree under each sshd listener (utime+stime+cutime+
+    cstime of every live process: children that exited are in their parent's cutime); controller
+    = getrusage(RUSAGE_CHILDREN) + RUSAGE_SELF (misses detached ssh ControlMaster processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROJECT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = PROJECT / "bench"
+LIGHT_LOCK = PROJECT / "tests" / "locks" / "light.yml"
+NAIVE_PLAYBOOK = BENCH / "naive_noop.yml"
+TARGET_RATIO = 5.0
+sys.path.insert(0, str(PROJECT / "tests"))
+
+from testbed import Testbed  # noqa: E402
+
+import yaml  # noqa: E402
+
+BIN = pathlib.Path(sys.executable).parent
+ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
+# Ansible's own defaults for [ssh_connection] ssh_args (what "plain default Ansible" uses).
+ANSIBLE_DEFAULT_SSH_ARGS = "-C -o ControlMaster=auto -o ControlPersist=60s"
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- CPU accounting ----------------------------------------------------------------------------
+
+def _cgroup2_mount() -> pathlib.Path | None:
+    try:
+        for line in pathlib.Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return pathlib.Path(parts[1])
+    except OSError:
+        pass
+    return None
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(ppid, utime+stime+cutime+cstime seconds) of a process, None if gone."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the comm: state ppid ... utime(14) stime(15) cutime(16) cstime(17) -> indexes 11..14 here
+    return int(fields[1]), sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+class CPUAccounting:
+    """Node-side CPU per node and controller-side CPU, read before and after each run."""
+
+    def __init__(self, nodes, listener_pids: dict[str, int], force_proc: bool = False):
+        self.nodes = [n.name for n in nodes]
+        self.listeners = listener_pids
+        self.base: pathlib.Path | None = None
+        self.method = "proc"
+        self._moved_self = False
+        mount = None if force_proc else _cgroup2_mount()
+        if mount is not None:
+            try:
+                self._setup_cgroups(mount)
+                self.method = "cgroup2"
+            except OSError as exc:
+                print(f"cgroup v2 accounting unavailable ({exc}); falling back to /proc", file=sys.stderr)
+                self.cleanup()
+                self.method = "proc"
+
+    def describe(self) -> str:
+        if self.method == "cgroup2":
+            return (f"cgroup v2 cpu.stat usage_usec: one cgroup per node holding its sshd listener (all sessions "
+                    f"inherit it), one for the controller side (this process and all it starts, ssh "
+                    f"ControlMaster processes included) under {self.base}")
+        return ("/proc: CPU of the live process tree under each node's sshd listener (utime+stime+cutime+cstime); "
+                "controller = getrusage(RUSAGE_CHILDREN)+RUSAGE_SELF (detached ssh ControlMaster processes missed)")
+
+    def _setup_cgroups(self, mount: pathlib.Path) -> None:
+        base = mount / f"lfbench-{os.getpid()}"
+        base.mkdir()
+        self.base = base
+        for name in self.nodes:
+            (base / name).mkdir()
+            (base / name / "cgroup.procs").write_text(f"{self.listeners[name]}\n")
+        (base / "controller").mkdir()
+        (base / "controller" / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        self._moved_self = True
+        # the accounting must actually move: read it back
+        for name in self.nodes:
+            pids = (base / name / "cgroup.procs").read_text().split()
+            if str(self.listeners[name]) not in pids:
+                raise OSError(f"sshd {self.listeners[name]} of {name} did not move into {base / name}")
+        self._usage(base / "controller")
+
+    @staticmethod
+    def _usage(cg: pathlib.Path) -> float:
+        for line in (cg / "cpu.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "usage_usec":
+                return int(value) / 1e6
+        raise OSError(f"no usage_usec in {cg}/cpu.stat")
+
+    def _tree_cpu(self) -> dict[str, float]:
+        table = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                st = _proc_stat(int(entry))
+                if st:
+                    table[int(entry)] = st
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        out = {}
+        for name, root in self.listeners.items():
+            total, stack = 0.0, [root]
+            while stack:
+                pid = stack.pop()
+                if pid in table:
+                    total += table[pid][1]
+                    stack += children.get(pid, [])
+            out[name] = total
+        return out
+
+    def snapshot(self) -> dict:
+        ru_c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ru_s = resource.getrusage(resource.RUSAGE_SELF)
+        snap = {"rusage": ru_c.ru_utime + ru_c.ru_stime + ru_s.ru_utime + ru_s.ru_stime}
+        if self.method == "cgroup2":
+            snap["nodes"] = {n: self._usage(self.base / n) for n in self.nodes}
+            snap["controller"] = self._usage(self.base / "controller")
+        else:
+            snap["nodes"] = self._tree_cpu()
+            snap["controller"] = snap["rusage"]
+        return snap
+
+    @staticmethod
+    def delta(a: dict, b: dict) -> dict:
+        return {
+            "controller_cpu_s": b["controller"] - a["controller"],
+            "controller_cpu_rusage_s": b["rusage"] - a["rusage"],
+            "node_cpu_s": {n: b["nodes"][n] - a["nodes"][n] for n in a["nodes"]},
+        }
+
+    def cleanup(self) -> None:
+        """Move every process back to the root cgroup (kills nothing) and remove the cgroups."""
+        if self.base is None:
+            return
+        root_procs = self.base.parent / "cgroup.procs"
+        for cg in sorted(self.base.iterdir()) if self.base.exists() else []:
+            if not cg.is_dir():
+                continue
+            for _ in range(3):
+                try:
+                    pids = (cg / "cgroup.procs").read_text().split()
+                except OSError:
+                    break
+                for pid in pids:
+                    try:
+                        root_procs.write_text(f"{pid}\n")
+                    except OSError:
+                        pass  # exited meanwhile
+                try:
+                    cg.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        try:
+            self.base.rmdir()
+        except OSError as exc:
+            print(f"warning: could not remove {self.base}: {exc}", file=sys.stderr)
+        self.base = None
+
+
+# -- the methods ---------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.workdir = pathlib.Path(args.workdir).resolve()
+        self.tb = Testbed(self.workdir / "testbed", nodes=args.nodes, slot=args.slot)
+        self.inv = self.tb.inventory_path
+        self.naive_inv = self.workdir / "testbed" / "inventory" / "naive.yml"
+        self.pdsh_cp_dir = self.workdir / "cp-pdsh"
+        self.default_cp_dir = self.workdir / "cp-defaults"
+        self.timing_file = self.workdir / "task-timing.jsonl"
+        self.acct: CPUAccounting | None = None
+        self.lock = yaml.safe_load(LIGHT_LOCK.read_text())
+
+    # environments ---------------------------------------------------------------------------
+
+    def _env(self, **extra) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env["ANSIBLE_CONFIG"] = str(PROJECT / "ansible.cfg")
+        env["ANSIBLE_NOCOLOR"] = "1"
+        env.update(extra)
+        return env
+
+    def _defaults_env(self) -> dict[str, str]:
+        # Ansible's defaults for the connection: no pipelining, its default ssh_args (ControlPersist=60s),
+        # an own control path dir (never the tuned runs' masters). forks stays >= the node count.
+        return self._env(ANSIBLE_PIPELINING="False", ANSIBLE_SSH_ARGS=ANSIBLE_DEFAULT_SSH_ARGS,
+                         ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.default_cp_dir), ANSIBLE_GATHERING="implicit")
+
+    def _pdsh_env(self, persist: bool) -> dict[str, str]:
+        # the testbed's ssh options (key, known_hosts, StrictHostKeyChecking=yes, BatchMode, User=root), as the
+        # inventory has them; pdsh splits PDSH_SSH_ARGS_APPEND on spaces (no value here holds one)
+        opts = list(self.tb.ssh_args())
+        if persist:
+            # like ansible.cfg's ssh_args: ControlMaster=auto, ControlPersist=120s, ServerAliveInterval=15
+            opts += ["-o", "ControlMaster=auto", "-o", "ControlPersist=120s", "-o", "ServerAliveInterval=15",
+                     "-o", f"ControlPath={self.pdsh_cp_dir}/%C"]
+        else:
+            opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "ServerAliveInterval=15"]
+        return {**os.environ, "PDSH_SSH_ARGS_APPEND": " ".join(opts)}
+
+    # runs -------------------------------------------------------------------------------------
+
+    def _extra_vars(self) -> list[str]:
+        return ["-e", json.dumps({"llamafleet_lock_file": str(LIGHT_LOCK), "stack_offline": True})]
+
+    def _check_recap(self, out: str, rc: int) -> list[str]:
+        errors = []
+        if rc != 0:
+            errors.append(f"rc={rc}")
+        recap = {m.group(1): tuple(int(x) for x in m.groups()[1:]) for m in RECAP.finditer(out)}
+        for n in self.tb.nodes:
+            if n.name not in recap:
+                errors.append(f"{n.name} missing from PLAY RECAP")
+                continue
+            ok, changed, unreachable, failed = recap[n.name]
+            if changed or unreachable or failed:
+                errors.append(f"{n.name}: changed={changed} unreachable={unreachable} failed={failed}")
+        if errors:
+            errors.append("output tail: " + out[-1500:])
+        return errors
+
+    def _subprocess(self, argv, env, check) -> list[str]:
+        proc = subprocess.run(argv, cwd=PROJECT, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        return check(proc.stdout, proc.returncode)
+
+    def run_playbook_cli(self, playbook, env, extra=()) -> list[str]:
+        argv = [str(ANSIBLE_PLAYBOOK), str(playbook), "-i", str(self.inv), *self._extra_vars(), *extra]
+        return self._subprocess(argv, env, self._check_recap)
+
+    def run_library(self) -> list[str]:
+        from llamafleet import provision
+        res = provision(self.inv, lock_file=LIGHT_LOCK, offline=True)
+        errors = []
+        if not res.ok:
+            errors.append("not ok: " + "; ".join(res.errors))
+        if res.changed != 0:
+            errors.append(f"changed={res.changed}")
+        if len(res.nodes) != len(self.tb.nodes) or not all(n.ok for n in res.nodes):
+            errors.append("nodes: " + ", ".join(f"{n.name}={n.action}" for n in res.nodes))
+        if errors:
+            errors.append(f"log: {res.log_path}")
+        return errors
+
+    def run_pdsh(self, persist: bool) -> list[str]:
+        ips = ",".join(n.ip for n in self.tb.nodes)
+        argv = ["pdsh", "-S", "-R", "ssh", "-f", str(max(32, len(self.tb.nodes))), "-w", ips, "true"]
+
+        def check(out, rc):
+            errs = [] if rc == 0 else [f"rc={rc}: {out[-800:]}"]
+            if out.strip():
+                errs.append(f"unexpected output: {out[-800:]}")
+            return errs
+        return self._subprocess(argv, self._pdsh_env(persist), check)
+
+    def methods(self):
+        tuned = self._env()
+        provision_yml = PROJECT / "provision.yml"
+        m = [
+            ("ansible-playbook", "main", lambda: self.run_playbook_cli(provision_yml, tuned)),
+            ("library provision()", "main", self.run_library),
+            ("pdsh (ControlPersist)", "baseline", lambda: self.run_pdsh(True)),
+            ("pdsh (plain)", "baseline", lambda: self.run_pdsh(False)),
+        ]
+        if not self.args.no_floors:
+            m += [
+                ("floor: no-task play", "floor", lambda: self.run_playbook_cli(self.floor_empty, tuned)),
+                ("floor: 1 ping task", "floor", lambda: self.run_playbook_cli(self.floor_ping, tuned)),
+            ]
+        if not self.args.no_reference:
+            m += [
+                ("ref: pipelining off", "reference", lambda: self.run_playbook_cli(provision_yml, self._defaults_env())),
+                ("ref: naive playbook", "reference", lambda: self._subprocess(
+                    [str(ANSIBLE_PLAYBOOK), str(NAIVE_PLAYBOOK), "-i", str(self.naive_inv)],
+                    self._defaults_env(), self._check_recap)),
+            ]
+        return m
+
+    def measure(self, fn) -> dict:
+        a = self.acct.snapshot()
+        t0 = time.monotonic()
+        try:
+            errors = fn()
+        except subprocess.TimeoutExpired as exc:
+            errors = [f"timed out after {exc.timeout} s"]
+        except Exception as exc:  # noqa: BLE001 - a crashed run is an error row, the bench goes on
+            errors = [f"{type(exc).__name__}: {exc}"]
+        wall = time.monotonic() - t0
+        b = self.acct.snapshot()
+        d = CPUAccounting.delta(a, b)
+        node = d["node_cpu_s"]
+        return {"wall_s": wall, "controller_cpu_s": d["controller_cpu_s"],
+                "controller_cpu_rusage_s": d["controller_cpu_rusage_s"],
+                "node_cpu_s_per_node": sum(node.values()) / len(node), "node_cpu_s": node, "errors": errors}
+
+    # setup ------------------------------------------------------------------------------------
+
+    def write_support_files(self, provisioned) -> None:
+        plays = self.workdir / "plays"
+        plays.mkdir(parents=True, exist_ok=True)
+        self.floor_empty = plays / "floor_empty.yml"
+        self.floor_empty.write_text("- name: No tasks\n  hosts: nodes\n  gather_facts: false\n  tasks: []\n")
+        self.floor_ping = plays / "floor_ping.yml"
+        self.floor_ping.write_text("- name: One ping per node\n  hosts: nodes\n  gather_facts: false\n  tasks:\n"
+                                   "    - name: Ping\n      ansible.builtin.ping:\n")
+        venvs = {n.name: n.venv for n in provisioned.nodes}
+        missing = [k for k, v in venvs.items() if not v]
+        if missing:
+            raise BenchError(f"no venv path reported for {missing}: {provisioned.format()}")
+        python = self.lock["python"]
+        self.tb.write_inventory(
+            self.naive_inv,
+            extra_host_vars={k: {"naive_venv": v} for k, v in venvs.items()},
+            extra_group_vars={"naive_pins": {k.lower(): str(v) for k, v in self.lock["packages"].items()},
+                              "naive_python": f"python{python}", "naive_python_minor": str(python)})
+
+    def listener_pids(self) -> dict[str, int]:
+        return {n.name: int(n.pid_file.read_text().split()[0]) for n in self.tb.nodes}
+
+    # the whole run ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from llamafleet import provision
+        print(f"testbed: {self.args.nodes} nodes, slot {self.args.slot}, workdir {self.workdir}", flush=True)
+        t = time.monotonic()
+        self.tb.up()
+        print(f"  up in {time.monotonic() - t:.2f} s", flush=True)
+        self.acct = CPUAccounting(self.tb.nodes, self.listener_pids(), force_proc=self.args.proc_accounting)
+        print(f"CPU accounting: {self.acct.describe()}", flush=True)
+
+        t = time.monotonic()
+        first = provision(self.inv, lock_file=LIGHT_LOCK, offline=True)
+        if not first.ok:
+            raise BenchError("initial provision failed:\n" + first.format())
+        print(f"initial provision (light lock, offline): {time.monotonic() - t:.1f} s, "
+              f"changed={first.changed}, actions: {sorted({n.action for n in first.nodes})}", flush=True)
+        self.write_support_files(first)
+
+        methods = self.methods()
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in methods}
+        warmup: dict[str, dict] = {}
+        for rnd in range(self.args.rounds + 1):
+            label = "warm-up (not counted)" if rnd == 0 else f"round {rnd}/{self.args.rounds}"
+            print(f"{label}:", flush=True)
+            for name, _, fn in methods:
+                r = self.measure(fn)
+                (warmup.__setitem__(name, r) if rnd == 0 else runs[name].append(r))
+                status = "ERROR " + " | ".join(r["errors"])[:300] if r["errors"] else "ok"
+                print(f"  {name:24s} {r['wall_s']:7.2f} s wall  ctrl {r['controller_cpu_s']:6.2f} s  "
+                      f"node {r['node_cpu_s_per_node']:5.3f} s/node  {status}", flush=True)
+
+        profile = None if self.args.no_profile else self.profile()
+        return self.report(methods, runs, warmup, profile, first)
+
+    def profile(self) -> dict:
+        """One extra (unmeasured) tuned ansible-playbook run with the task-timing callback."""
+        self.timing_file.unlink(missing_ok=True)
+        env = self._env(ANSIBLE_CALLBACK_PLUGINS=str(BENCH / "callback_plugins"),
+                        ANSIBLE_CALLBACKS_ENABLED="lf_task_timing", LF_TASK_TIMING_FILE=str(self.timing_file))
+        t0 = time.time()
+        errors = self.run_playbook_cli(PROJECT / "provision.yml", env)
+        t_end = time.time()
+        events = [json.loads(line) for line in self.timing_file.read_text().splitlines()] if self.timing_file.exists() else []
+        tasks: dict[str, dict] = {}
+        order = []
+        for ev in events:
+            if ev["ev"] == "task_start":
+                order.append(ev["uuid"])
+                tasks[ev["uuid"]] = {"task": ev["task"], "action": ev["action"], "start": ev["t"], "end": ev["t"],
+                                     "hosts": {}, "statuses": {}}
+            elif ev["ev"] in ("host_start", "host_end") and ev["uuid"] in tasks:
+                t = tasks[ev["uuid"]]
+                h = t["hosts"].setdefault(ev["host"], [ev["t"], ev["t"]])
+                if ev["ev"] == "host_end":
+                    h[1] = ev["t"]
+                    t["statuses"][ev["status"]] = t["statuses"].get(ev["status"], 0) + 1
+                t["end"] = max(t["end"], ev["t"])
+        pb_start = next((e["t"] for e in events if e["ev"] == "playbook_start"), None)
+        stats = next((e["t"] for e in events if e["ev"] == "stats"), None)
+        rows = []
+        for i, uuid in enumerate(order):
+            t = tasks[uuid]
+            nxt = tasks[order[i + 1]]["start"] if i + 1 < len(order) else (stats or t["end"])
+            per_host = [e - s for s, e in t["hosts"].values()]
+            rows.append({"task": t["task"], "action": t["action"], "span_s": nxt - t["start"],
+                         "host_mean_s": statistics.mean(per_host) if per_host else 0.0,
+                         "host_max_s": max(per_host) if per_host else 0.0, "statuses": t["statuses"]})
+        return {"errors": errors, "wall_s": t_end - t0,
+                "startup_s": (pb_start - t0) if pb_start else None,
+                "to_first_task_s": (tasks[order[0]]["start"] - t0) if order else None,
+                "after_stats_s": (t_end - stats) if stats else None, "tasks": rows}
+
+    # report -----------------------------------------------------------------------------------
+
+    def report(self, methods, runs, warmup, profile, first) -> int:
+        def med(rs, key):
+            return statistics.median(r[key] for r in rs)
+
+        summary = {}
+        for name, kind, _ in methods:
+            rs = runs[name]
+            summary[name] = {
+                "kind": kind,
+                "wall_s_median": med(rs, "wall_s"), "wall_s_min": min(r["wall_s"] for r in rs),
+                "controller_cpu_s_median": med(rs, "controller_cpu_s"),
+                "controller_cpu_rusage_s_median": med(rs, "controller_cpu_rusage_s"),
+                "node_cpu_s_per_node_median": med(rs, "node_cpu_s_per_node"),
+                "errors": sum(bool(r["errors"]) for r in rs),
+            }
+        base_cp = summary["pdsh (ControlPersist)"]
+        base_plain = summary["pdsh (plain)"]
+        for name, s in summary.items():
+            s["ratio_wall_vs_pdsh_cp"] = s["wall_s_median"] / base_cp["wall_s_median"]
+            s["ratio_wall_vs_pdsh_plain"] = s["wall_s_median"] / base_plain["wall_s_median"]
+            s["ratio_node_cpu_vs_pdsh_cp"] = (s["node_cpu_s_per_node_median"] / base_cp["node_cpu_s_per_node_median"]
+                                              if base_cp["node_cpu_s_per_node_median"] > 0 else None)
+            # the same ratio taken round by round (each run against the pdsh run of its own round)
+            s["ratio_wall_vs_pdsh_cp_per_round"] = [
+                r["wall_s"] / b["wall_s"] for r, b in zip(runs[name], runs["pdsh (ControlPersist)"])]
+
+        n = self.args.nodes
+        print()
+        print(f"No-op re-provision of {n} namespace nodes, {self.args.rounds} rounds "
+              f"(medians; ratio = median wall / median wall of pdsh in this run)")
+        print(f"CPU accounting: {self.acct.method}")
+        hdr = (f"| {'method':24s} | {'wall s median (min)':>19s} | {'ctrl CPU s':>10s} | {'node CPU s/node':>15s} "
+               f"| {'x pdsh(CP)':>10s} | {'x pdsh(plain)':>13s} | {'node CPU x pdsh(CP)':>19s} |")
+        print(hdr)
+        print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+        for name, _, _ in methods:
+            s = summary[name]
+            ncr = f"{s['ratio_node_cpu_vs_pdsh_cp']:.1f}" if s["ratio_node_cpu_vs_pdsh_cp"] is not None else "-"
+            flag = f"  ({s['errors']} runs with ERRORS)" if s["errors"] else ""
+            print(f"| {name:24s} | {s['wall_s_median']:9.2f} ({s['wall_s_min']:6.2f}) | {s['controller_cpu_s_median']:10.2f} "
+                  f"| {s['node_cpu_s_per_node_median']:15.3f} | {s['ratio_wall_vs_pdsh_cp']:10.1f} "
+                  f"| {s['ratio_wall_vs_pdsh_plain']:13.1f} | {ncr:>19s} |{flag}")
+
+        verdicts = {}
+        print()
+        for name in ("ansible-playbook", "library provision()"):
+            s = summary[name]
+            v_cp = "PASS" if s["ratio_wall_vs_pdsh_cp"] <= TARGET_RATIO else "MISS"
+            v_plain = "PASS" if s["ratio_wall_vs_pdsh_plain"] <= TARGET_RATIO else "MISS"
+            verdicts[name] = {"vs_pdsh_cp": v_cp, "vs_pdsh_plain": v_plain}
+            print(f"target ratio <= {TARGET_RATIO:g}: {name}: {v_cp} vs pdsh with ControlPersist "
+                  f"({s['ratio_wall_vs_pdsh_cp']:.1f}x); {v_plain} vs plain pdsh ({s['ratio_wall_vs_pdsh_plain']:.1f}x)")
+
+        if profile:
+            print()
+            print(f"Task profile of one extra tuned ansible-playbook run ({profile['wall_s']:.2f} s wall):")
+            if profile["startup_s"] is not None:
+                print(f"  process start -> playbook start (imports, config, inventory, collections): {profile['startup_s']:.2f} s")
+            for row in profile["tasks"]:
+                st = ",".join(f"{k}={v}" for k, v in sorted(row["statuses"].items()))
+                print(f"  {row['span_s']:6.2f} s  {row['task'][:60]:60s} per host {row['host_mean_s']:.2f} s "
+                      f"(max {row['host_max_s']:.2f})  {st}")
+            if profile["after_stats_s"] is not None:
+                print(f"  stats -> process exit: {profile['after_stats_s']:.2f} s")
+            if profile["errors"]:
+                print("  profile run ERRORS: " + " | ".join(profile["errors"])[:500])
+
+        errors = {name: [r["errors"] for r in runs[name] if r["errors"]] for name in runs}
+        errors = {k: v for k, v in errors.items() if v}
+        if profile and profile["errors"]:
+            errors["profile"] = [profile["errors"]]
+        doc = {
+            "benchmark": "provision_noop", "issue": 2,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": platform.node(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+            "nodes": n, "rounds": self.args.rounds, "cpu_accounting": self.acct.method,
+            "cpu_accounting_description": self.acct.describe(),
+            "lock": str(LIGHT_LOCK.relative_to(PROJECT)), "target_ratio": TARGET_RATIO,
+            "ansible_version": subprocess.run([str(BIN / "ansible"), "--version"], capture_output=True,
+                                              text=True).stdout.splitlines()[0],
+            "initial_provision": {"changed": first.changed, "actions": [nd.action for nd in first.nodes]},
+            "summary": summary, "verdicts": verdicts, "runs": runs, "warmup": warmup, "profile": profile,
+            "errors": errors,
+        }
+        out_dir = BENCH / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"provision_noop-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nresults: {out}")
+        if errors:
+            print(f"ERRORS in: {', '.join(errors)}", file=sys.stderr)
+            return 1
+        return 0
+
+    def teardown(self) -> None:
+        if self.pdsh_cp_dir.exists():
+            for sock in self.pdsh_cp_dir.iterdir():  # close pdsh's ControlMasters before the nodes go
+                subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True, timeout=10)
+        try:
+            self.tb.down()
+        finally:
+            if self.acct is not None:
+                self.acct.cleanup()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--slot", type=int, default=2, help="testbed slot (1 and 9 belong to the test suite)")
+    p.add_argument("--workdir", help="default: a new directory under /tmp, removed at the end")
+    p.add_argument("--keep-workdir", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain-default Ansible reference rows")
+    p.add_argument("--no-floors", action="store_true", help="skip the floor rows (no-task play, 1 ping task)")
+    p.add_argument("--no-profile", action="store_true", help="skip the task profile run")
+    p.add_argument("--proc-accounting", action="store_true", help="use the /proc fallback even where cgroup v2 works")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, sshd, cgroups)", file=sys.stderr)
+        return 2
+    for tool in ("pdsh", "rsync", "ip", "unshare"):
+        if not shutil.which(tool):
+            print(f"needs {tool} (make setup)", file=sys.stderr)
+            return 2
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="lfbench-noop-")
+    # SIGTERM ends the run like Ctrl-C, through the finally below.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    bench = Bench(args)
+    try:
+        return bench.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: tearing the testbed down", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the teardown
+        try:
+            bench.teardown()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if own_workdir and not args.keep_workdir:
+                shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

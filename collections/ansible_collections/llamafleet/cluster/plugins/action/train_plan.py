@@ -1,0 +1,38 @@
+# -*- coding: utf-8 -*-
+"""Controller: validate the training yaml and plan the run (ranks, files, commands) before any node starts."""
+
+from __future__ import annotations
+
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
+
+from llamafleet import launchplan
+from llamafleet.errors import LlamafleetError
+from llamafleet.inventory import Cluster
+from llamafleet.lock import resolve_dict
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        a = self._task.args
+        if not a.get("config"):
+            result.update(failed=True, msg="no training config: pass -e train_config=path/to/llamafactory.yaml")
+            return result
+        try:
+            plan = launchplan.make_plan(
+                a["config"], Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]), state_dir=state_dir(a["state_dir"]),
+                launcher=a.get("launcher") or "torchrun", master_port=int(a.get("master_port") or 29500),
+                run_id=a.get("run_id") or None, job=a.get("job") or None, shared_inputs=bool(a.get("shared_inputs")),
+                sync_model=bool(a.get("sync_model", True)), extra_env=a.get("extra_env") or None)
+        except LlamafleetError as exc:
+            result.update(failed=True, problems=exc.problems,
+                          msg="the training configuration cannot run; no node was started:\n"
+                              + "\n".join(f"- {p}" for p in exc.problems))
+            return result
+        result.update(changed=False, plan=plan.to_dict(), summary=plan.format(detail=bool(a.get("detail"))))
+        return result

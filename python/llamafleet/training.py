@@ -1,0 +1,245 @@
+"""Training runs from Python: ``train``, ``follow``, ``status``, ``stop``, ``collect``, ``logs``.
+
+Each is one playbook run (``playbooks/<verb>.yml``) through the runner; ``follow`` looks at the nodes
+every few seconds with ``status`` and, when any rank failed, a node stopped answering or no training
+step came in time, stops every rank with ``stop``. Both end with ``collect``: every node's log and
+rank 0's outputs in ``<state_dir>/runs/<run_id>/`` on the controller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .paths import state_dir
+from .runner import PlaybookResult, TaskEvent, run_playbook
+
+FAILED_STATES = ("exited-error", "lost", "stopped", "unreachable", "absent")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRun:
+    name: str
+    state: str  # running | exited | exited-error | stopped | lost | absent | unreachable
+    rc: int | None
+    pid: int | None
+    log_tail: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    run_id: str | None
+    nodes: tuple[NodeRun, ...]
+    progress: dict[str, Any] | None  # rank 0's last trainer_log.jsonl record
+    started_at: float | None
+
+    @property
+    def running(self) -> bool:
+        return any(n.state == "running" for n in self.nodes)
+
+    @property
+    def succeeded(self) -> bool:
+        return bool(self.nodes) and all(n.state == "exited" for n in self.nodes)
+
+    @property
+    def failed_nodes(self) -> tuple[NodeRun, ...]:
+        return tuple(n for n in self.nodes if n.state in FAILED_STATES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format_line(self) -> str:
+        states = ", ".join(f"{n.name} {n.state}" + (f" (exit {n.rc})" if n.rc not in (None, 0) else "") for n in self.nodes)
+        p = self.progress
+        if p:
+            loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
+            return f"step {p.get('current_steps')}/{p.get('total_steps')}{loss} eta {p.get('remaining_time', '?')} | {states}"
+        return f"waiting for the first step | {states}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    ok: bool
+    run_id: str | None
+    state: str  # planned | started | succeeded | failed | not-started
+    plan: dict[str, Any] | None
+    summary: str
+    status: RunStatus | None
+    errors: tuple[str, ...]
+    run_dir: str | None  # on the controller
+    outputs: dict[str, str]
+    log_path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["status"] = self.status.to_dict() if self.status else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def format(self) -> str:
+        lines = [self.summary] if self.summary else []
+        lines.append(f"run {self.run_id}: {self.state}")
+        lines += [f"  {e}".replace("\n", "\n  ") for e in self.errors]
+        for what, path in self.outputs.items():
+            lines.append(f"  {what}: {path}")
+        if self.run_dir:
+            lines.append(f"  run directory: {self.run_dir}")
+        return "\n".join(lines)
+
+
+def _extra(base: Mapping[str, Any] | None, **kw: Any) -> dict[str, Any]:
+    out = dict(base or {})
+    out.update({k: v for k, v in kw.items() if v is not None})
+    return out
+
+
+def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
+    results = run.results.get("train") or {}
+    nodes, progress, run_id, started = [], None, None, None
+    validated = next(iter((run.results.get("validate") or {}).values()), {})
+    names = [n["name"] for n in (validated.get("cluster") or {}).get("nodes", [])]
+    for host in names:
+        o = run.hosts.get(host)
+        if o is None:
+            continue
+        res = results.get(host) or {}
+        r = res.get("run") or {}
+        if o.unreachable or res.get("unreachable"):
+            nodes.append(NodeRun(host, "unreachable", None, None, ()))
+            continue
+        state = r.get("state", "absent")
+        if state == "exited" and r.get("rc") not in (0, None):
+            state = "exited-error"
+        nodes.append(NodeRun(host, state, r.get("rc"), r.get("pid"), tuple(r.get("log_tail") or ())))
+        run_id = run_id or r.get("run_id")
+        progress = progress or r.get("progress")
+        started = started or r.get("started_at")
+    return RunStatus(run_id, tuple(nodes), progress, started), run.failure_messages() if not run.ok else []
+
+
+def status(inventory: str | os.PathLike, run_id: str | None = None, *, log_lines: int = 20,
+           extravars: Mapping[str, Any] | None = None) -> RunStatus:
+    """Where the run (default: each node's active run) stands on every node."""
+    run = run_playbook("status.yml", inventory, verb="status",
+                       extravars=_extra(extravars, train_run_id=run_id or "", train_log_lines=log_lines))
+    st, errors = _node_runs(run)
+    if errors and not st.nodes:
+        raise ConfigError(errors)
+    return st
+
+
+def stop(inventory: str | os.PathLike, run_id: str | None = None, *, grace_s: int = 20,
+         extravars: Mapping[str, Any] | None = None) -> RunStatus:
+    """Stop every rank of the run on every node that answers (TERM, then KILL)."""
+    run = run_playbook("stop.yml", inventory, verb="stop",
+                       extravars=_extra(extravars, train_run_id=run_id or "", train_stop_grace_s=grace_s))
+    st, errors = _node_runs(run)
+    if errors and not st.nodes:
+        raise ConfigError(errors)
+    return st
+
+
+def collect(inventory: str | os.PathLike, run_id: str, *, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Copy every node's run directory (logs, exit code; rank 0's adapter, trainer_log.jsonl, loss plot,
+    all_results.json; no checkpoints) into ``<state_dir>/runs/<run_id>/nodes/<node>``."""
+    run_playbook("collect.yml", inventory, verb="collect", extravars=_extra(extravars, train_run_id=run_id))
+    return outputs(run_id, extravars)
+
+
+def outputs(run_id: str, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
+    base = state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / run_id
+    found: dict[str, str] = {}
+    for out in sorted(base.glob("nodes/*/output")):
+        for name, key in (("adapter_model.safetensors", "adapter"), ("training_loss.png", "loss plot"),
+                          ("trainer_log.jsonl", "trainer log"), ("all_results.json", "results")):
+            if (out / name).exists():
+                found[key] = str(out / name if key != "adapter" else out)
+    for log in sorted(base.glob("nodes/*/train.log")):
+        found[f"log {log.parent.name}"] = str(log)
+    return found
+
+
+def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float = 900, poll_s: float = 5,
+           extravars: Mapping[str, Any] | None = None,
+           on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
+    """Watch the run until every rank exited. A rank that fails, a node that stops answering, or no
+    training step within ``start_timeout_s`` (a peer that never reached the rendezvous) stops every rank."""
+    t0 = time.time()
+    errors: list[str] = []
+    while True:
+        st = status(inventory, run_id, log_lines=15, extravars=extravars)
+        if on_status:
+            on_status(st)
+        if st.succeeded:
+            state = "succeeded"
+            break
+        if st.failed_nodes:
+            state = "failed"
+            for n in st.failed_nodes:
+                what = {"exited-error": f"exited with code {n.rc}", "lost": "lost its processes without an exit code",
+                        "unreachable": "stopped answering", "stopped": "was stopped",
+                        "absent": "has no such run"}[n.state]
+                tail = "\n".join(f"    {line}" for line in n.log_tail[-10:])
+                errors.append(f"{n.name} {what}; its last log lines:\n{tail}" if tail else f"{n.name} {what}")
+            errors.append("every other rank was stopped")
+            stop(inventory, run_id, extravars=extravars)
+            break
+        started = st.started_at or t0
+        if not st.progress and time.time() - started > start_timeout_s:
+            state = "failed"
+            errors.append(f"no training step within {start_timeout_s:g} s of the start: a node probably never reached "
+                          "the rendezvous (MASTER_ADDR/MASTER_PORT, firewall, NCCL interface) or rank 0 is stuck "
+                          "before training; every rank was stopped. See the node logs.")
+            stop(inventory, run_id, extravars=extravars)
+            break
+        time.sleep(poll_s)
+    outs = collect(inventory, run_id, extravars=extravars)
+    final = status(inventory, run_id, log_lines=0, extravars=extravars)
+    run_dir = str(state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / run_id)
+    return TrainResult(ok=state == "succeeded", run_id=run_id, state=state, plan=None, summary="",
+                       status=RunStatus(final.run_id, final.nodes, st.progress, final.started_at),
+                       errors=tuple(errors), run_dir=run_dir, outputs=outs, log_path=None)
+
+
+def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: str = "torchrun",
+          master_port: int | None = None, run_id: str | None = None, replace: bool = False, dry_run: bool = False,
+          shared_inputs: bool = False, sync_model: bool = True, follow_run: bool = False,
+          start_timeout_s: float = 900, poll_s: float = 5, env: Mapping[str, str] | None = None,
+          extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
+          on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
+    """Validate, plan, sync, check and start ``config`` on every node (``playbooks/train.yml``);
+    with ``follow_run``, then follow it to its end and collect its outputs."""
+    if not Path(config).is_file():
+        raise ConfigError(f"training config {config} does not exist: pass the path of your LLaMA-Factory yaml")
+    ev = _extra(extravars, train_config=str(Path(config).resolve()), train_launcher=launcher,
+                train_master_port=master_port, train_run_id=run_id or "", train_replace=replace,
+                train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_sync_model=sync_model,
+                train_follow=False)
+    if env:
+        ev["train_env"] = dict(env)
+    run = run_playbook("train.yml", inventory, verb="train", extravars=ev, on_event=on_event)
+    planned = next(iter((run.results.get("train_plan") or {}).values()), {})
+    plan = planned.get("plan")
+    summary = planned.get("summary", "")
+    rid = plan["run_id"] if plan else run_id
+    if not run.ok:
+        return TrainResult(ok=False, run_id=rid, state="not-started", plan=plan, summary=summary, status=None,
+                           errors=tuple(dict.fromkeys(run.failure_messages())), run_dir=None, outputs={},
+                           log_path=str(run.log_path))
+    if dry_run:
+        return TrainResult(ok=True, run_id=rid, state="planned", plan=plan, summary=summary, status=None, errors=(),
+                           run_dir=None, outputs={}, log_path=str(run.log_path))
+    if not follow_run:
+        return TrainResult(ok=True, run_id=rid, state="started", plan=plan, summary=summary, status=None, errors=(),
+                           run_dir=None, outputs={}, log_path=str(run.log_path))
+    done = follow(inventory, rid, start_timeout_s=start_timeout_s, poll_s=poll_s, extravars=extravars,
+                  on_status=on_status)
+    return dataclasses.replace(done, plan=plan, summary=summary, log_path=str(run.log_path))

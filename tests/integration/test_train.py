@@ -1,0 +1,200 @@
+"""Real multi-node LLaMA-Factory training over real SSH on the namespace testbed, with the default stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT
+from llamafleet import lock, status, stop, train
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+STACK = lock.load_stack(None, "cpu")
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Processes of a run anywhere on this machine (every namespace node shares its process table)."""
+    marker = f"LLAMAFLEET_RUN_ID={run_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if marker in fh.read().split(b"\0"):
+                        with open(f"/proc/{entry}/stat") as st:
+                            if st.read().rsplit(")", 1)[1].split()[0] != "Z":
+                                pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def job(default_stack, tmp_path_factory):
+    """The built-in tiny job, copied out of the repo, with its model built by a node's stack Python."""
+    _, roots = default_stack
+    base = tmp_path_factory.mktemp("job")
+    shutil.copytree(PROJECT / "examples" / "tiny", base / "tiny", ignore=shutil.ignore_patterns("model", "saves"))
+    python = roots / "node1" / "stacks" / STACK.venv_name / "bin" / "python"
+    subprocess.run([str(python), str(PROJECT / "python" / "llamafleet" / "tinymodel.py"), str(base / "tiny" / "model"),
+                    "--data", str(base / "tiny" / "data" / "tiny_alpaca.jsonl")], check=True, capture_output=True, timeout=600)
+    return base / "tiny"
+
+
+@pytest.fixture(scope="module")
+def two_nodes(testbed, default_stack, tmp_path_factory):
+    _, roots = default_stack
+    path = tmp_path_factory.mktemp("inv2") / "hosts.yml"
+    return testbed.write_inventory(path, nodes=["node1", "node2"],
+                                   extra_host_vars={n: {"llamafleet_root": str(roots / n)} for n in ("node1", "node2")},
+                                   extra_group_vars={"stack_offline": True})
+
+
+def variant(job: Path, name: str, **changes) -> Path:
+    data = yaml.safe_load((job / "sft_lora.yaml").read_text())
+    data.update(changes)
+    out = job / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_lora_sft_across_two_nodes_with_torchrun(two_nodes, job, default_stack):
+    result = train(two_nodes, job / "sft_lora.yaml", follow_run=True, poll_s=3)
+    assert result.ok, result.format()
+    assert result.plan["plan"]["world_size"] == 2
+    assert {n.state for n in result.status.nodes} == {"exited"}
+    out = Path(result.outputs["adapter"])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert Path(result.outputs["loss plot"]).is_file()
+    losses = [json.loads(line).get("loss") for line in Path(result.outputs["trainer log"]).read_text().splitlines()]
+    assert [x for x in losses if x is not None], "no loss logged"
+    assert "train_loss" in json.loads(Path(result.outputs["results"]).read_text())
+    # one world of size 2: both ranks ran, each on its own node
+    logs = {n: Path(result.outputs[f"log {n}"]).read_text() for n in ("node1", "node2")}
+    assert "world size: 2" in logs["node1"] and "world size: 2" in logs["node2"]
+    assert "Process rank: 0" in logs["node1"] and "Process rank: 1" in logs["node2"]
+    assert not run_processes(result.run_id)
+
+
+def test_deepspeed_launcher_with_zero2(two_nodes, job):
+    cfg = variant(job, "zero2", deepspeed="ds_zero2.json", max_steps=4, save_steps=2)
+    result = train(two_nodes, cfg, launcher="deepspeed", follow_run=True, poll_s=3)
+    assert result.ok, result.format()
+    assert (Path(result.outputs["adapter"]) / "adapter_model.safetensors").is_file()
+    cmd = result.plan["nodes"]["node2"]["command"]
+    assert cmd[0].endswith("/bin/deepspeed") and "--no_local_rank" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
+    log2 = Path(result.outputs["log node2"]).read_text()
+    assert "world size: 2" in log2
+
+
+def _wait_for_step(inv, run_id, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = status(inv, run_id)
+        if st.progress:
+            return st
+        assert not st.failed_nodes, st.format_line()
+        time.sleep(3)
+    raise AssertionError("no training step in time")
+
+
+def test_a_killed_worker_stops_every_rank_and_keeps_the_logs(two_nodes, job):
+    cfg = variant(job, "long", max_steps=400, save_steps=1000)
+    started = train(two_nodes, cfg)
+    assert started.ok and started.state == "started", started.format()
+    run_id = started.run_id
+    _wait_for_step(two_nodes, run_id)
+    # the worker's training process (the torchrun child that runs LLaMA-Factory), killed from outside
+    victims = [p for p in run_processes(run_id)
+               if "launcher.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+               and "node2" in os.readlink(f"/proc/{p}/cwd")]
+    assert victims, "no training process found on node2"
+    for p in victims:
+        os.kill(p, signal.SIGKILL)
+    from llamafleet import follow
+
+    result = follow(two_nodes, run_id, poll_s=2)
+    assert not result.ok and result.state == "failed"
+    assert "node2" in "\n".join(result.errors)
+    assert not run_processes(run_id), "processes of the run are still alive"
+    assert Path(result.outputs["log node1"]).is_file() and Path(result.outputs["log node2"]).is_file()
+
+
+def test_a_second_run_is_refused_while_one_runs(two_nodes, job):
+    cfg = variant(job, "long2", max_steps=400, save_steps=1000)
+    first = train(two_nodes, cfg)
+    assert first.ok, first.format()
+    try:
+        second = train(two_nodes, job / "sft_lora.yaml")
+        assert not second.ok and second.state == "not-started"
+        assert "still running" in "\n".join(second.errors)
+        assert len({p for p in run_processes(first.run_id)}) > 0
+        assert not run_processes(second.run_id)
+    finally:
+        stop(two_nodes, first.run_id)
+    assert not run_processes(first.run_id)
+
+
+def test_an_unreachable_node_at_launch_starts_nothing(testbed, default_stack, job, tmp_path):
+    _, roots = default_stack
+    inv = testbed.write_inventory(tmp_path / "hosts.yml", nodes=["node1", "node2"],
+                                  extra_host_vars={"node1": {"llamafleet_root": str(roots / "node1")},
+                                                   "node2": {"llamafleet_root": str(roots / "node2"),
+                                                             "ansible_host": testbed.nodes[0].ip.rsplit(".", 1)[0] + ".99"}},
+                                  extra_group_vars={"stack_offline": True, "ansible_ssh_timeout": 3})
+    result = train(inv, job / "sft_lora.yaml")
+    assert not result.ok and result.state == "not-started"
+    assert "node2" in "\n".join(result.errors)
+    assert not (roots / "node1" / "runs" / result.run_id).exists()
+    assert not run_processes(result.run_id)
+
+
+BAD_CONFIGS = {
+    "unknown dataset": ({"dataset": "no_such_data"}, "no_such_data"),
+    "missing data file": ("missing_file", "does not exist"),
+    "wrong column name": ("bad_column", "wrong_col"),
+    "invalid DeepSpeed JSON": ({"deepspeed": "broken_ds.json"}, "broken_ds.json"),
+    "batch size 0": ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+    "missing model dir": ({"model_name_or_path": "no/such/model/dir"}, "model_name_or_path"),
+    "unknown stage": ({"stage": "magic"}, "stage"),
+    "unknown finetuning type": ({"finetuning_type": "hyper"}, "finetuning_type"),
+    "zero epochs and no max_steps": ({"num_train_epochs": 0, "max_steps": -1}, "num_train_epochs"),
+    "learning rate 0": ({"learning_rate": 0}, "learning_rate"),
+    "no output_dir": ({"output_dir": None}, "output_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_configs_are_refused_before_any_node_starts(case, two_nodes, job, default_stack, tmp_path, cli):
+    _, roots = default_stack
+    change, fragment = BAD_CONFIGS[case]
+    work = tmp_path / "tiny"
+    shutil.copytree(job, work, symlinks=True, ignore=shutil.ignore_patterns("model"))
+    (work / "model").symlink_to(job / "model")
+    data = yaml.safe_load((work / "sft_lora.yaml").read_text())
+    if change == "missing_file":
+        (work / "data" / "tiny_alpaca.jsonl").unlink()
+    elif change == "bad_column":
+        info = json.loads((work / "data" / "dataset_info.json").read_text())
+        info["tiny_alpaca"]["columns"] = {"prompt": "wrong_col", "response": "output"}
+        (work / "data" / "dataset_info.json").write_text(json.dumps(info))
+    else:
+        data.update(change)
+        data = {k: v for k, v in data.items() if v is not None}
+    (work / "broken_ds.json").write_text("{ not json")
+    (work / "sft_lora.yaml").write_text(yaml.safe_dump(data))
+    before = {p.name for p in (roots / "node1" / "runs").glob("*")} if (roots / "node1" / "runs").exists() else set()
+    proc = cli("train", "-i", str(two_nodes), str(work / "sft_lora.yaml"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert fragment in out, out
+    after = {p.name for p in (roots / "node1" / "runs").glob("*")} if (roots / "node1" / "runs").exists() else set()
+    assert after <= before | {"active"}, "a run directory was created"

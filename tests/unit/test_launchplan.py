@@ -1,0 +1,87 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamafleet import inventory, launchplan, lock
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def job(tmp_path):
+    shutil.copytree(PROJECT / "examples" / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("model", "saves"))
+    (tmp_path / "tiny" / "model").mkdir()
+    (tmp_path / "tiny" / "model" / "config.json").write_text('{"model_type": "qwen2"}')
+    return tmp_path / "tiny"
+
+
+@pytest.fixture
+def cluster():
+    hv = {"a": {"ansible_host": "10.0.0.1", "llamafleet_gpus": 1, "llamafleet_root": "/srv/a", "llamafleet_master": True,
+                "llamafleet_train_addr": "192.168.0.1"},
+          "b": {"ansible_host": "10.0.0.2", "llamafleet_gpus": 1, "llamafleet_root": "/srv/b"}}
+    return inventory.validate(["b", "a"], hv)
+
+
+def test_plan_stages_by_hard_link_and_renders_each_node(job, cluster, tmp_path):
+    stack = lock.load_stack(None, "cpu")
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "state", run_id="r1")
+    assert set(plan.manifest) == {"data/tiny_alpaca.jsonl", "data/dataset_info.json", "model/config.json"}
+    staged = Path(plan.stage_dir) / "data" / "tiny_alpaca.jsonl"
+    assert staged.stat().st_ino == (job / "data" / "tiny_alpaca.jsonl").stat().st_ino  # a link, not a copy
+    a, b = plan.nodes["a"], plan.nodes["b"]
+    assert (a.node_rank, b.node_rank) == (0, 1) and a.master
+    assert a.env["MASTER_ADDR"] == b.env["MASTER_ADDR"] == "192.168.0.1"
+    assert b.env["NODE_RANK"] == "1" and b.env["NNODES"] == "2" and b.env["LLAMAFLEET_RUN_ID"] == "r1"
+    node_yaml = yaml.safe_load(b.files["train.yaml"])
+    assert node_yaml["dataset_dir"] == "/srv/b/inputs/sft_lora/data"
+    assert node_yaml["model_name_or_path"] == "/srv/b/inputs/sft_lora/model"
+    assert node_yaml["output_dir"] == "/srv/b/runs/r1/output"
+    assert b.command == [f"/srv/b/stacks/{stack.venv_name}/bin/llamafactory-cli", "train", "/srv/b/runs/r1/train.yaml"]
+    assert "export NODE_RANK=1" in b.files["node.env"]
+    assert plan.plan["world_size"] == 2 and plan.plan["effective_batch"] == 4
+
+
+def test_replanning_an_unchanged_job_gives_the_same_files_and_times(job, cluster, tmp_path):
+    stack = lock.load_stack(None, "cpu")
+    p1 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s")
+    info = Path(p1.stage_dir) / "data" / "dataset_info.json"
+    t1 = info.stat().st_mtime_ns
+    p2 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s")
+    assert p1.manifest == p2.manifest and info.stat().st_mtime_ns == t1
+    assert p1.run_id != p2.run_id  # a new run each time
+
+
+def test_shared_inputs_verify_in_place(job, cluster, tmp_path):
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"),
+                                state_dir=tmp_path / "s", shared_inputs=True)
+    assert plan.stage_dir is None
+    assert str(job / "data" / "tiny_alpaca.jsonl").lstrip("/") in plan.manifest
+    node_yaml = yaml.safe_load(plan.nodes["b"].files["train.yaml"])
+    assert node_yaml["data_shared_file_system"] is True and node_yaml["dataset_dir"] == str(job / "data")
+
+
+def test_deepspeed_launcher_command_and_hostfile(job, cluster, tmp_path):
+    stack = lock.load_stack(None, "cpu")
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s", launcher="deepspeed",
+                                run_id="r2")
+    cmd = plan.nodes["b"].command
+    assert cmd[cmd.index("--node_rank") + 1] == "1" and cmd[cmd.index("--master_addr") + 1] == "192.168.0.1"
+    assert cmd[-1] == "/srv/b/runs/r2/train.yaml" and "--no_local_rank" in cmd
+    assert [line for line in plan.hostfile.splitlines() if not line.startswith("#")] == ["a slots=1", "b slots=1"]
+
+
+def test_sample_inventory_is_a_valid_cluster():
+    """inventory/sample, as users copy it, passes the same validation every playbook runs."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(PROJECT / "inventory" / "sample"),
+                          "--list"], capture_output=True, text=True, check=True, cwd=PROJECT).stdout
+    data = json.loads(out)
+    hosts = data["nodes"]["hosts"]
+    cluster = inventory.validate(hosts, {h: data["_meta"]["hostvars"][h] for h in hosts})
+    assert cluster.master.name == "gpu-a" and cluster.node("gpu-c").nproc(cpu_only=False) == 4

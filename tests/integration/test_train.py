@@ -198,3 +198,34 @@ def test_bad_configs_are_refused_before_any_node_starts(case, two_nodes, job, de
     assert fragment in out, out
     after = {p.name for p in (roots / "node1" / "runs").glob("*")} if (roots / "node1" / "runs").exists() else set()
     assert after <= before | {"active"}, "a run directory was created"
+
+
+def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job, default_stack):
+    _, roots = default_stack
+    cfg = variant(job, "resumable", max_steps=400, save_steps=2)
+    first = train(two_nodes, cfg)
+    assert first.ok, first.format()
+    run_id = first.run_id
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = status(two_nodes, run_id)
+        if st.progress and st.progress.get("current_steps", 0) >= 3:
+            break
+        assert not st.failed_nodes, st.format_line()
+        time.sleep(2)
+    stop(two_nodes, run_id)
+    assert not run_processes(run_id)
+    master_out = roots / "node1" / "runs" / run_id / "output"
+    done = sorted(int(p.name.split("-")[1]) for p in master_out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    assert done, "no complete checkpoint to resume from"
+    # the worker's own checkpoint holds only its rank's state until llamafleet copies rank 0's in
+    last = f"checkpoint-{done[-1]}"
+    assert not (roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors").exists()
+    resumed = train(two_nodes, variant(job, "resumable", max_steps=done[-1] + 2, save_steps=2), run_id=run_id,
+                    follow_run=True, poll_s=3)
+    assert resumed.ok, resumed.format()
+    assert (roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors").exists()
+    node_yaml = (roots / "node2" / "runs" / run_id / "train.yaml").read_text()
+    assert f"resume_from_checkpoint: \"{roots / 'node2' / 'runs' / run_id / 'output' / last}\"" in node_yaml
+    steps = [json.loads(line)["current_steps"] for line in Path(resumed.outputs["trainer log"]).read_text().splitlines()]
+    assert steps[-1] == done[-1] + 2

@@ -86,6 +86,10 @@ options:
     description: Relative path (in the run directory) of rank 0's trainer_log.jsonl.
     type: str
     default: output/trainer_log.jsonl
+  resume_checkpoint:
+    description: Name of the checkpoint (in the run's output directory) to continue from, with C(started).
+    type: str
+    default: ""
 """
 
 EXAMPLES = r"""
@@ -216,6 +220,7 @@ def _run_state(root, run_id, log_lines=20, progress_file=None):
            "started_at": float(_read(os.path.join(run_dir, "started_at"), "0") or 0) or None}
     log = _read(os.path.join(run_dir, "train.log"), "") or ""
     out["log_tail"] = log.splitlines()[-log_lines:] if log_lines else []
+    out["checkpoint"] = _last_checkpoint(os.path.join(run_dir, "output"))
     if progress_file:
         last = None
         for line in (_read(os.path.join(run_dir, progress_file), "") or "").splitlines():
@@ -229,6 +234,21 @@ def _run_state(root, run_id, log_lines=20, progress_file=None):
                 last = rec
         out["progress"] = last
     return out
+
+
+def _last_checkpoint(output_dir):
+    """Name of the newest checkpoint-N that rank 0 finished writing (trainer_state.json is written last)."""
+    best = None
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return None
+    for name in names:
+        if name.startswith("checkpoint-") and name[11:].isdigit():
+            if os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+                if best is None or int(name[11:]) > int(best[11:]):
+                    best = name
+    return best
 
 
 def _stop(root, run_id, grace):
@@ -298,7 +318,7 @@ def _prepare(module, p, host):
     problems = []
     root = p["root"]
     active = _active_run(root)
-    if active and active != p["run_id"]:
+    if active:
         st = _run_state(root, active, log_lines=0)
         if st["state"] == "running":
             if p["replace"]:
@@ -346,6 +366,18 @@ def _prepare(module, p, host):
     module.exit_json(changed=False, listener=listener)
 
 
+def _interface_to(addr):
+    """The interface this node uses for ``addr``: the one holding it when it is local (the master's own
+    training address), else the one the route to it leaves by. None when it cannot be told."""
+    rc_out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True)
+    for line in rc_out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3].split("/")[0] == addr:
+            return parts[1]
+    route = subprocess.run(["ip", "-o", "route", "get", addr], capture_output=True, text=True).stdout.split()
+    return route[route.index("dev") + 1] if "dev" in route else None
+
+
 def _start(module, p, host):
     root, run_id = p["root"], p["run_id"]
     run_dir = os.path.join(root, "runs", run_id)
@@ -374,7 +406,24 @@ def _start(module, p, host):
             module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d"
                                  % (host, len(peers), p["workers"], p["master_port"]))
     os.makedirs(run_dir, exist_ok=True)
-    for name, content in p["files"].items():
+    files = dict(p["files"])
+    if p["resume_checkpoint"]:
+        ckpt = os.path.join(run_dir, "output", p["resume_checkpoint"])
+        if not os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
+            module.fail_json(msg="%s: checkpoint %s is not complete on this node; nothing was started" % (host, ckpt))
+        files["train.yaml"] = files.get("train.yaml", "") + "resume_from_checkpoint: %s\n" % json.dumps(ckpt)
+    env_text = files.get("node.env", "")
+    if p["master_addr"] and "GLOO_SOCKET_IFNAME=" not in env_text:
+        # gloo (CPU training, and torch's own bootstrap) binds the address its hostname resolves to,
+        # loopback when it does not resolve: name the interface that reaches the master instead.
+        try:
+            ifname = _interface_to(p["master_addr"])
+        except OSError:
+            ifname = None
+        if ifname:
+            files["node.env"] = env_text + "# found on this node: the interface that reaches the master\n" \
+                "export GLOO_SOCKET_IFNAME=%s\n" % shlex.quote(ifname)
+    for name, content in files.items():
         if "/" in name or name.startswith("."):
             module.fail_json(msg="bad run file name %r" % name)
         _write(os.path.join(run_dir, name), content)
@@ -430,6 +479,7 @@ def main():
             grace_s=dict(type="int", default=20),
             log_lines=dict(type="int", default=20),
             progress_file=dict(type="str", default="output/trainer_log.jsonl"),
+            resume_checkpoint=dict(type="str", default=""),
         ),
         supports_check_mode=False,
     )

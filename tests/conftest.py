@@ -59,7 +59,10 @@ def default_stack(testbed, tmp_path_factory):
     testbed node, offline from a wheelhouse the controller builds. Shared by the slow tests."""
     from llamafleet import provision
 
-    roots = tmp_path_factory.mktemp("default-roots")
+    # LLAMAFLEET_TEST_ROOTS: node roots of an earlier session to reuse while developing (provision
+    # still runs, for real; it finds the stack in place and changes nothing).
+    roots = Path(os.environ["LLAMAFLEET_TEST_ROOTS"]) if os.environ.get("LLAMAFLEET_TEST_ROOTS") \
+        else tmp_path_factory.mktemp("default-roots")
     path = testbed.write_inventory(roots / "inventory" / "hosts.yml",
                                    extra_host_vars={n.name: {"llamafleet_root": str(roots / n.name)} for n in testbed.nodes},
                                    extra_group_vars={"stack_offline": True})

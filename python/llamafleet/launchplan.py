@@ -29,6 +29,8 @@ from .inventory import Cluster
 from .lock import Stack
 
 _JOB = re.compile(r"[^A-Za-z0-9_.-]+")
+# Environment values never printed in a plan (they still reach the node's node.env, which is never collected).
+_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY", re.I)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,7 @@ class LaunchPlan:
             if detail:
                 lines.append(f"    run dir: {n.run_dir}")
                 lines.append("    command: " + shlex.join(n.command))
-                lines += [f"    {k}={shlex.quote(v)}" for k, v in sorted(n.env.items())]
+                lines += [f"    {k}={'***' if _SECRET.search(k) else shlex.quote(v)}" for k, v in sorted(n.env.items())]
         if detail and self.launcher == "deepspeed":
             lines.append("  hostfile:")
             lines += [f"    {line}" for line in self.hostfile.splitlines()]

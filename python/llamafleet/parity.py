@@ -24,7 +24,8 @@ def version_matches(pin: str, found: str | None) -> bool:
     return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
 
 
-def _vtuple(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """Numeric parts of a version, for ordering driver versions such as 580.159.04."""
     out = []
     for part in v.split("."):
         digits = "".join(c for c in part if c.isdigit())
@@ -177,7 +178,7 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
     if stack.cuda:
         found = {n: str(node_facts[n].get("driver") or "none") for n in nodes}
         need = stack.driver_min or "any"
-        bad = [n for n in nodes if found[n] == "none" or (stack.driver_min and _vtuple(found[n]) < _vtuple(stack.driver_min))]
+        bad = [n for n in nodes if found[n] == "none" or (stack.driver_min and version_tuple(found[n]) < version_tuple(stack.driver_min))]
         add("nvidia driver", f">= {need}", found, bad, f" (CUDA {stack.cuda} needs it; upgrade the driver, llamafleet never installs one)")
         found = {}
         for n in nodes:

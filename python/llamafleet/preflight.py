@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .lock import Stack
+from .parity import version_tuple
 
 
 def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_disk_gb: float,
@@ -39,7 +40,7 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
             if not driver:
                 problems.append(f"{host}: no NVIDIA driver answers (nvidia-smi) but flavor {stack.flavor} is CUDA "
                                 f"{stack.cuda}: install a driver >= {stack.driver_min or 'its minimum'} or use the cpu flavor")
-            elif stack.driver_min and _vt(driver) < _vt(stack.driver_min):
+            elif stack.driver_min and version_tuple(driver) < version_tuple(stack.driver_min):
                 problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which CUDA {stack.cuda} "
                                 "needs: upgrade the driver (llamafleet checks drivers, never installs them)")
         clock = node.get("time")
@@ -49,6 +50,3 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
                             "preflight_max_clock_skew_s): enable NTP/chrony on the node")
     return problems
 
-
-def _vt(v: str) -> tuple[int, ...]:
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split("."))

@@ -85,3 +85,11 @@ def test_sample_inventory_is_a_valid_cluster():
     hosts = data["nodes"]["hosts"]
     cluster = inventory.validate(hosts, {h: data["_meta"]["hostvars"][h] for h in hosts})
     assert cluster.master.name == "gpu-a" and cluster.node("gpu-c").nproc(cpu_only=False) == 4
+
+
+def test_secret_looking_environment_is_not_printed(job, cluster, tmp_path):
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s",
+                                extra_env={"WANDB_API_KEY": "s3cr3t-value", "NCCL_P2P_DISABLE": "1"})
+    text = plan.format(detail=True)
+    assert "s3cr3t-value" not in text and "WANDB_API_KEY=***" in text and "NCCL_P2P_DISABLE=1" in text
+    assert "s3cr3t-value" in plan.nodes["a"].files["node.env"]  # the node still gets it

@@ -28,9 +28,10 @@ with like: warm runs against pdsh with ControlPersist, the cold run against plai
 
 Per run it measures wall seconds, controller CPU seconds and node CPU seconds per node; every
 Ansible run must report changed=0 / failed=0 / unreachable=0 for every node in PLAY RECAP (the
-library: result.ok, result.changed == 0), every pdsh run must exit 0 with no output, or the run
-counts as an error. Prints a table, writes bench/results/provision_noop-<date>.json, and a task
-profile of one extra warm ansible-playbook run (bench/callback_plugins/lf_task_timing.py).
+library: result.ok, result.changed == 0), every pdsh run must exit 0 (-S), or the run counts as
+an error (pdsh output with rc 0, e.g. noise of a node's shell startup, is a warning). Prints a
+table, writes bench/results/provision_noop-<date>.json, and a task profile of --profile-runs extra
+warm ansible-playbook runs (bench/callback_plugins/lf_task_timing.py), medians per task.
 Exits non-zero only on errors; missing the target (ratio <= 5) prints MISS.
 
 CPU accounting (method printed and saved):

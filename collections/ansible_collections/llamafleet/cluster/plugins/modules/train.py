@@ -344,6 +344,8 @@ def _prepare(module, p, host):
     listener = None
     if p["master"] and not problems:
         s = socket.socket()
+        # as torch's TCPStore binds it: connections of an earlier run in TIME_WAIT do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", p["master_port"]))
         except OSError as exc:

@@ -14,12 +14,10 @@ from .parity import version_tuple
 
 
 def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_disk_gb: float,
-          max_clock_skew_s: float, controller_time: tuple[float, float], installing: set[str]) -> list[str]:
-    """Problems found, each naming the host, what is wrong and the fix. ``controller_time`` is the
-    controller's clock before and after the inspections ran: a node's clock must fall inside that
-    window, widened by the allowed skew. ``installing`` are the nodes whose venv will be built."""
+          max_clock_skew_s: float, installing: set[str], max_trip_s: float = 30.0) -> list[str]:
+    """Problems found, each naming the host, what is wrong and the fix. ``installing`` are the nodes
+    whose venv will be built; ``max_trip_s`` bounds how long a task takes to reach a node."""
     problems: list[str] = []
-    t0, t1 = controller_time
     for host, insp in inspections.items():
         node = insp.get("node") or {}
         interp = node.get("interpreter") or {}
@@ -43,10 +41,11 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
             elif stack.driver_min and version_tuple(driver) < version_tuple(stack.driver_min):
                 problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which CUDA {stack.cuda} "
                                 "needs: upgrade the driver (llamafleet checks drivers, never installs them)")
-        clock = node.get("time")
-        if clock is not None and not (t0 - max_clock_skew_s <= clock <= t1 + max_clock_skew_s):
-            off = clock - t0 if clock < t0 else clock - t1
-            problems.append(f"{host}: clock is {off:+.1f} s off the controller's (allowed {max_clock_skew_s:g} s, "
+        offset = node.get("clock_offset_s")
+        # The offset includes the task's trip from the controller (>= 0 for a good clock): a clock behind
+        # is caught to the second, one ahead once it exceeds the allowance plus the trip.
+        if offset is not None and not (-max_clock_skew_s <= offset <= max_clock_skew_s + max_trip_s):
+            problems.append(f"{host}: clock is {offset:+.1f} s off the controller's (allowed {max_clock_skew_s:g} s, "
                             "preflight_max_clock_skew_s): enable NTP/chrony on the node")
     return problems
 

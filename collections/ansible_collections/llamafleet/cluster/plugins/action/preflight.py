@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
@@ -19,15 +17,12 @@ class ActionModule(ActionBase):
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
-        now = time.time()
         args = self._task.args
         stack = resolve_dict(args["stack"])
         inspections = host_results(task_vars, list(task_vars["ansible_play_hosts_all"]), args["results_var"])
         installing = {h for h, r in inspections.items() if (r.get("stack") or {}).get("status") != "ok"}
-        # A node's time is read as its module exits; the answer reaches us within a few seconds.
         problems = preflight.check(stack, inspections, min_disk_gb=float(args["min_disk_gb"]),
                                    max_clock_skew_s=float(args["max_clock_skew_s"]),
-                                   controller_time=(now - 5.0, now),
                                    installing=installing if args.get("installing", True) else set())
         if problems:
             result.update(failed=True, problems=problems,

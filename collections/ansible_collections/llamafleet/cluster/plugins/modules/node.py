@@ -69,6 +69,9 @@ options:
     description: The stack is a CUDA one; ask torch for its NCCL version.
     type: bool
     default: false
+  controller_time:
+    description: The controller's clock (epoch seconds) when it sent this task; the node reports its offset.
+    type: float
 """
 
 EXAMPLES = r"""
@@ -309,28 +312,32 @@ def main():
             smoke_imports=dict(type="list", elements="str", default=[]),
             system_site_packages=dict(type="bool", default=False),
             gpu_expected=dict(type="bool", default=False),
+            controller_time=dict(type="float"),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    started = time.time()
     stacks = os.path.join(p["root"], "stacks")
     venv = os.path.join(stacks, p["venv_name"])
+    state = _stack_state(p, venv)
     interpreter = _interpreter(p["python"])
     interp_version = None
-    if interpreter:
+    if interpreter and state["status"] != "ok":  # only a node that builds a venv needs its interpreter checked
         rc, out, _ = run([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], timeout=30)
         interp_version = out.strip() if rc == 0 else None
     free_gb, disk_path = _disk_free_gb(p["root"])
     node = {
         "hostname": socket.gethostname(),
-        "time": time.time(),
+        "time": started,
+        # >= the true offset: the task's trip from the controller is in it (never negative for a good clock)
+        "clock_offset_s": round(started - p["controller_time"], 3) if p["controller_time"] else None,
         "interpreter": {"name": p["python"], "path": interpreter, "version": interp_version},
         "disk_free_gb": free_gb,
         "disk_path": disk_path,
         "nvcc": nvcc_version(),
     }
     node.update(gpu_facts())
-    state = _stack_state(p, venv)
 
     if p["state"] == "inspect":
         module.exit_json(changed=False, node=node, stack=state)

@@ -26,6 +26,7 @@ class NodeResult:
     action: str  # what happened to its stack venv: none | built | repaired | unreachable | failed | inspected
     venv: str | None
     failures: tuple[str, ...]
+    repaired: tuple[str, ...] = ()  # what a repair put right: drifted pins, removed packages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ class StackResult:
             lines.append(f"{self.verb}: FAILED")
             lines += [f"  {e}".replace("\n", "\n  ") for e in self.errors]
         for n in self.nodes:
-            lines.append(f"  {n.name}: {n.action}" + (f" ({n.venv})" if n.venv else ""))
+            lines.append(f"  {n.name}: {n.action}" + (f" ({n.venv})" if n.venv else "")
+                         + (f": {', '.join(n.repaired)}" if n.repaired else ""))
         if self.parity is not None and self.ok:
             lines.append(self.parity.format())
         if self.report_path:
@@ -109,7 +111,9 @@ def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
         nodes.append(NodeResult(name=name, ok=bool(o) and not (o.failed or o.unreachable),
                                 changed=o.changed if o else 0, action=action,
                                 venv=(res.get("stack") or {}).get("path"),
-                                failures=tuple(o.failures) if o else ()))
+                                failures=tuple(o.failures) if o else (),
+                                repaired=tuple((res.get("repaired") or {}).get("drift", []))
+                                + tuple(f"removed {x}" for x in (res.get("repaired") or {}).get("extras", []))))
     errors = tuple(dict.fromkeys(run.failure_messages())) if not run.ok else ()
     return StackResult(verb=verb, ok=run.ok and (parity is None or parity.ok), rc=run.rc, inventory=inventory,
                        nodes=tuple(nodes), parity=parity, errors=errors, log_path=str(run.log_path),

@@ -87,7 +87,8 @@ def _print_result(console, result: api.StackResult) -> None:
             console.print(f"[yellow]warning:[/] {w}")
     if result.ok:
         console.print(f"[green]{result.verb} OK[/] on {len(result.nodes)} node(s): "
-                      + ", ".join(f"{n.name} {n.action}" for n in result.nodes))
+                      + ", ".join(f"{n.name} {n.action}" + (f" ({', '.join(n.repaired)})" if n.repaired else "")
+                                  for n in result.nodes))
     else:
         console.print(f"[red]{result.verb} FAILED[/]")
         for e in result.errors:

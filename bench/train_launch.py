@@ -81,8 +81,6 @@ STATS = {
     "bytes_sent": re.compile(r"^Total bytes sent: ([\d,]+)", re.M),
     "bytes_received": re.compile(r"^Total bytes received: ([\d,]+)", re.M),
 }
-# one line per item rsync --itemize-changes reports (what makes the sync task "changed")
-ITEMIZED = re.compile(r"^[<>ch.*][fdLDS][.+?cstpoguaxn ]{9,} ", re.M)
 
 sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(BENCH))
@@ -516,11 +514,16 @@ class Bench:
         if persist:
             self.keep_warm("pdsh")
         rdir = f"{shlex.quote(str(self.nodes_dir))}/\"$HOSTNAME\"/runs/{shlex.quote(run_id)}"
-        cmd = f"cd {rdir} && setsid nohup sh launch.sh >pdsh.log 2>&1 </dev/null &"
+        # only the setsid command goes to the background, its output redirected: the remote shell exits at once
+        # and the SSH session ends (backgrounding `cd && ...` as a whole would keep the session's stdout open)
+        cmd = f"cd {rdir} && {{ setsid nohup sh launch.sh >pdsh.log 2>&1 </dev/null & }}"
         watch = self._watch(run_id)
         a = self.cpu_snapshot()
         t0 = time.monotonic()
-        proc = self._pdsh(cmd, persist)
+        try:
+            proc = self._pdsh(cmd, persist)
+        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {exc.timeout} s")
         t_ret = time.monotonic()
         b = self.cpu_snapshot()
         if persist:
@@ -570,21 +573,22 @@ class Bench:
             label = "warm-up (not counted)" if rnd == 0 else f"round {rnd}/{self.args.rounds}"
             self.log(f"{label}:")
             r, run_id = self.launch_llamafleet()
-            rows = [(LF, r)]
+            self._record(rnd, LF, r, runs, warmup)
             if run_id and r.get("launch_s") is not None:
-                rows.append((PDSH_CP, self.launch_pdsh(run_id, persist=True)))
+                self._record(rnd, PDSH_CP, self.launch_pdsh(run_id, persist=True), runs, warmup)
                 if not self.args.no_plain_pdsh:
-                    rows.append((PDSH_PLAIN, self.launch_pdsh(run_id, persist=False)))
-            for name, row in rows:
-                row["round"] = rnd
-                (warmup.__setitem__(name, row) if rnd == 0 else runs[name].append(row))
-                ls = f"{row['launch_s']:6.2f} s" if row.get("launch_s") is not None else "   --- "
-                extra = f"train() returned {row['train_return_s']:5.2f} s, stop {row.get('stop_s', 0):5.2f} s" \
-                    if name == LF else f"pdsh returned {row['pdsh_return_s']:5.2f} s"
-                cpu = f", ctrl CPU {row['controller_cpu_s']:5.2f} s" if "controller_cpu_s" in row else ""
-                self.log(f"  {name:22s} all ranks running {ls} (first node {row.get('first_node_s') or 0:5.2f} s), "
-                         f"{extra}{cpu}{'  ERRORS' if row['errors'] else ''}")
+                    self._record(rnd, PDSH_PLAIN, self.launch_pdsh(run_id, persist=False), runs, warmup)
         return {"runs": runs, "warmup": warmup}
+
+    def _record(self, rnd, name, row, runs, warmup) -> None:
+        row["round"] = rnd
+        (warmup.__setitem__(name, row) if rnd == 0 else runs[name].append(row))
+        ls = f"{row['launch_s']:6.2f} s" if row.get("launch_s") is not None else "   --- "
+        extra = f"train() returned {row['train_return_s']:5.2f} s, stop {row.get('stop_s', 0):5.2f} s" \
+            if name == LF else f"pdsh returned {row['pdsh_return_s']:5.2f} s"
+        cpu = f", ctrl CPU {row['controller_cpu_s']:5.2f} s" if "controller_cpu_s" in row else ""
+        self.log(f"  {name:22s} all ranks running {ls} (first node {row.get('first_node_s') or 0:5.2f} s), "
+                 f"{extra}{cpu}{'  ERRORS' if row['errors'] else ''}")
 
     # 2. re-sync --------------------------------------------------------------------------------------
 
@@ -602,7 +606,9 @@ class Bench:
         per = {}
         for n, out in outs.items():
             s = {k: int(m.group(1).replace(",", "")) if (m := rx.search(out)) else None for k, rx in STATS.items()}
-            s["itemized_lines"] = len(ITEMIZED.findall(out))
+            items = [m.group(0) for m in re.finditer(r"^[<>ch.*][fdLDS][.+?cstpoguaxn ]{9,} .*$", out, re.M)]
+            s["itemized_lines"] = len(items)
+            s["itemized_sample"] = items[:6]
             s["rc"] = procs[n].returncode
             if procs[n].returncode != 0:
                 s["output_tail"] = out[-800:]
@@ -645,6 +651,11 @@ class Bench:
                  f"{out['first_copy_raw']['total']['transferred_file_size'] / 1e6:.1f} MB of file data")
         rounds = {"llamafleet rsync argv": [], "raw parallel rsync": []}
         for rnd in range(1, self.args.rounds + 1):
+            # as every train() does, plan again first: make_plan rebuilds the stage (hard links, same files and
+            # mtimes, new directories); not measured
+            again = train(self.inv, self.resync_yaml, dry_run=True)
+            if not again.ok or again.plan["stage_dir"] != stage:
+                raise BenchError("train(dry_run=True) of the re-sync job failed:\n" + again.format())
             for name, argvs in (("llamafleet rsync argv", lf_argv), ("raw parallel rsync", raw_argv)):
                 r = self._parallel_rsync(argvs)
                 r["round"] = rnd

@@ -167,6 +167,19 @@ def outputs(run_id: str, extravars: Mapping[str, Any] | None = None) -> dict[str
     return found
 
 
+def _telling_lines(lines: tuple[str, ...], keep: int = 10) -> list[str]:
+    """The log lines that say what went wrong: the last error raised inside training, before the
+    launcher's own wrappers (torchrun's ChildFailedError, llamafactory-cli's CalledProcessError)."""
+    wrappers = ("CalledProcessError", "ChildFailedError", "subprocess.py", "launcher.py", "sys.exit(main())",
+                "elastic/multiprocessing", "^^^^")
+    useful = [line for line in lines if not any(w in line for w in wrappers)]
+    errors = [i for i, line in enumerate(useful) if "Error" in line or "Exception" in line]
+    if errors:
+        end = errors[-1] + 1
+        return useful[max(0, end - keep):end]
+    return useful[-keep:]
+
+
 def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float = 900, poll_s: float = 5,
            extravars: Mapping[str, Any] | None = None,
            on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
@@ -175,7 +188,7 @@ def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float 
     t0 = time.time()
     errors: list[str] = []
     while True:
-        st = status(inventory, run_id, log_lines=15, extravars=extravars)
+        st = status(inventory, run_id, log_lines=60, extravars=extravars)
         if on_status:
             on_status(st)
         if st.succeeded:
@@ -187,7 +200,7 @@ def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float 
                 what = {"exited-error": f"exited with code {n.rc}", "lost": "lost its processes without an exit code",
                         "unreachable": "stopped answering", "stopped": "was stopped",
                         "absent": "has no such run"}[n.state]
-                tail = "\n".join(f"    {line}" for line in n.log_tail[-10:])
+                tail = "\n".join(f"    {line}" for line in _telling_lines(n.log_tail))
                 errors.append(f"{n.name} {what}; its last log lines:\n{tail}" if tail else f"{n.name} {what}")
             errors.append("every other rank was stopped")
             stop(inventory, run_id, extravars=extravars)

@@ -360,7 +360,7 @@ def _prepare(module, p, host):
             if os.path.exists(out):
                 os.unlink(out)
             subprocess.Popen([sys.executable, "-c", LISTENER, "", str(p["master_port"]), str(p["workers"]),
-                              str(time.time() + 45), out], start_new_session=True,
+                              str(time.time() + 120), out], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             listener = out
     if problems:
@@ -385,7 +385,7 @@ def _start(module, p, host):
     run_dir = os.path.join(root, "runs", run_id)
     if not p["master"] and p["master_addr"]:
         # A real TCP connection to the master's rendezvous port, from this node's network.
-        deadline, err = time.time() + 20, None
+        deadline, err = time.time() + 60, None
         while time.time() < deadline:
             try:
                 socket.create_connection((p["master_addr"], p["master_port"]), timeout=3).close()
@@ -400,7 +400,7 @@ def _start(module, p, host):
                                  % (host, p["master_addr"], p["master_port"], err))
     if p["master"] and p["workers"]:
         out = os.path.join(run_dir, "listener.json")
-        deadline = time.time() + 40
+        deadline = time.time() + 110
         while not os.path.exists(out) and time.time() < deadline:
             time.sleep(0.1)
         peers = json.loads(_read(out, '{"peers": []}') or '{"peers": []}')["peers"]

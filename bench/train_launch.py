@@ -26,6 +26,9 @@ the stack's python (python/llamafleet/tinymodel.py).
                           ControlMaster=auto ControlPersist=120s like ansible.cfg; same end condition; then
                           every process carrying the run id (and its process group) is killed here.
      pdsh (plain)         the same with ControlMaster=no: one new SSH connection per node.
+   Each rank process is frozen (SIGSTOP) the moment it is seen and continued (SIGCONT) before the stop
+   (--no-freeze: left running): the nodes share this machine's cores, and 8 ranks importing torch would
+   otherwise slow down the launch on the nodes not reached yet, the slower launcher the more.
    Ratio = median(llamafleet) / median(pdsh) over the same rounds. A task profile of every measured
    train() comes from its own on_event callback (times taken when each event reaches this process).
 2. Re-sync of an unchanged --dataset-mb (200) MB dataset (a deterministic alpaca jsonl referenced by the
@@ -158,8 +161,11 @@ class RankWatch(threading.Thread):
     argv) in the testbed's network namespaces; records when each node's first one was seen (monotonic), and
     its start time from /proc/<pid>/stat. Done when every node has one of the same run id."""
 
-    def __init__(self, netns_inodes: dict[int, str], interval: float, timeout: float, run_id: str | None = None):
+    def __init__(self, netns_inodes: dict[int, str], interval: float, timeout: float, run_id: str | None = None,
+                 freeze: bool = False):
         super().__init__(daemon=True)
+        self.freeze = freeze
+        self.frozen: list[int] = []
         self.ns = netns_inodes
         self.nodes = set(netns_inodes.values())
         self.interval = interval
@@ -180,6 +186,13 @@ class RankWatch(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=10)
+
+    def thaw(self) -> None:
+        for pid in self.frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
 
     def start(self) -> None:
         super().start()
@@ -211,6 +224,12 @@ class RankWatch(threading.Thread):
                 continue
             self.seen.setdefault(rid, {})[node] = t
             self.started.setdefault(rid, {})[node] = int(fields[19]) / CLK_TCK - self._boot_to_mono
+            if self.freeze:  # --freeze-ranks: the rank's start-up must not slow the other nodes' launch (2 cores)
+                try:
+                    os.kill(int(entry), signal.SIGSTOP)
+                    self.frozen.append(int(entry))
+                except OSError:
+                    pass
             if len(self.seen[rid]) == len(self.nodes) and self.done_at is None:
                 self.done_at, self.done_run = t, rid
 
@@ -317,16 +336,17 @@ class Bench:
             if g > 1 and g != own:
                 groups.add(g)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            for g in groups:
-                try:
-                    os.killpg(g, sig)
-                except OSError:
-                    pass
-            for pid in procs:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
+            for s in (sig, signal.SIGCONT):  # a stopped process (--freeze-ranks) acts on TERM once continued
+                for g in groups:
+                    try:
+                        os.killpg(g, s)
+                    except OSError:
+                        pass
+                for pid in procs:
+                    try:
+                        os.kill(pid, s)
+                    except OSError:
+                        pass
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 if not marked_processes(run_id):
@@ -432,7 +452,7 @@ class Bench:
         with open(path, "w") as fh:
             while size < target:
                 chunk = []
-                for _ in range(10000):
+                for _ in range(500):
                     a, b = phrases[(i * 7919) % 4096], phrases[(i * 104729 + 17) % 4096]
                     line = json.dumps({"instruction": f"Record {i}: repeat the words in reverse order.",
                                        "input": a, "output": " ".join(reversed(a.split())) + ". " + b}) + "\n"
@@ -469,7 +489,8 @@ class Bench:
     # 1. launch latency --------------------------------------------------------------------------------
 
     def _watch(self, run_id=None) -> RankWatch:
-        w = RankWatch(self.netns, self.args.poll_ms / 1000, self.args.launch_timeout, run_id)
+        w = RankWatch(self.netns, self.args.poll_ms / 1000, self.args.launch_timeout, run_id,
+                      freeze=not self.args.no_freeze)
         w.start()
         return w
 
@@ -501,6 +522,7 @@ class Bench:
         r["profile"] = profile(events, t0, watch.done_at, t_ret)
         if not res.ok:
             self.error(f"train() failed: {res.format()[-1500:]}")
+        watch.thaw()  # stopped processes must run to act on llamafleet's TERM
         if res.run_id:
             t = time.monotonic()
             st = stop(self.inv, res.run_id)
@@ -540,6 +562,7 @@ class Bench:
         r.update(self.cpu_delta(a, b))
         if "controller_cpu_s" in r:
             r["controller_cpu_s"] -= watch.cpu_s
+        watch.thaw()
         t = time.monotonic()
         r["killed"] = self.kill_run(run_id)
         r["kill_s"] = time.monotonic() - t
@@ -719,7 +742,7 @@ class Bench:
         self.doc = {"benchmark": "train_launch", "issue": 3, "llamafleet_version": __version__,
                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
                     "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "nodes": self.args.nodes,
-                    "rounds": self.args.rounds, "poll_ms": self.args.poll_ms, "max_steps": self.args.max_steps,
+                    "rounds": self.args.rounds, "poll_ms": self.args.poll_ms, "freeze_ranks": not self.args.no_freeze, "max_steps": self.args.max_steps,
                     "target_launch_ratio": TARGET_LAUNCH_RATIO, "keep_warm_runs": self.keep_warms,
                     "cpu_accounting": self.acct.method if self.acct else None, "stack_setup": stack,
                     "launch": launch, "resync": resync}
@@ -755,7 +778,8 @@ class Bench:
         n = self.args.nodes
         print()
         print(f"Launch latency on {n} namespace nodes (command start -> a rank process with the run's LLAMAFLEET_RUN_ID "
-              f"live on every node; /proc polled every {self.args.poll_ms:g} ms), {self.args.rounds} rounds, medians")
+              f"live on every node; /proc polled every {self.args.poll_ms:g} ms; ranks "
+              f"{'left running' if self.args.no_freeze else 'frozen (SIGSTOP) once seen'}), {self.args.rounds} rounds, medians")
         print("| method | all ranks running s median (min) | by process start time s | first node s | "
               "command returned s | ctrl CPU s | x pdsh(CP) | x pdsh(plain) |")
         print("|---|---|---|---|---|---|---|---|")
@@ -952,6 +976,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--poll-ms", type=float, default=50)
     p.add_argument("--launch-timeout", type=float, default=180)
+    p.add_argument("--no-freeze", action="store_true",
+                   help="let each rank run on once seen (default: SIGSTOP it when seen, SIGCONT before the stop, so "
+                        "that its start-up does not take the shared cores from the other nodes' launch)")
     p.add_argument("--no-plain-pdsh", action="store_true")
     p.add_argument("--no-resync", action="store_true")
     p.add_argument("--no-cpu", action="store_true", help="no cgroup CPU accounting")

@@ -13,7 +13,9 @@ def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=()):
     ansible_ssh_common_args (e.g. its UserKnownHostsFile) are passed to ssh unchanged.
     --itemize-changes prints one line per file transferred: no output means nothing changed.
     """
-    argv = ["rsync", "-a", "--mkpath", "--itemize-changes"]
+    # --omit-dir-times: the controller's staging tree is rebuilt (hard links) for every run, so its
+    # directories are always new; only file content and times decide what is transferred and "changed".
+    argv = ["rsync", "-a", "--omit-dir-times", "--mkpath", "--itemize-changes"]
     if delete:
         argv.append("--delete")
     argv += [f"--exclude={e}" for e in excludes]

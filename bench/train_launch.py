@@ -20,8 +20,8 @@ the stack's python (python/llamafleet/tinymodel.py).
                           scanning /proc every --poll-ms (50) from a thread of this process; also when
                           train() returned. Then llamafleet.stop(inv, run_id); no process of the run may
                           remain (/proc/*/environ scanned).
-     pdsh (ControlPersist) `pdsh -R ssh -w IP,... 'cd <nodes dir>/$HOSTNAME/runs/<run id> && setsid nohup sh
-                          launch.sh >pdsh.log 2>&1 </dev/null &'`: the very launch.sh scripts llamafleet
+     pdsh (ControlPersist) `pdsh -R ssh -w IP,... 'cd <nodes dir>/"$HOSTNAME"/runs/<run id> && { setsid nohup
+                          sh launch.sh >pdsh.log 2>&1 </dev/null & }'`: the very launch.sh scripts llamafleet
                           wrote in this round, PDSH_SSH_ARGS_APPEND = the inventory's ssh options +
                           ControlMaster=auto ControlPersist=120s like ansible.cfg; same end condition; then
                           every process carrying the run id (and its process group) is killed here.
@@ -202,19 +202,19 @@ class RankWatch(threading.Thread):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
+            # one stat first: only processes in the testbed's namespaces have their environment read
+            try:
+                node = self.ns.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
+            except OSError:
+                continue
+            if node is None:
+                continue
             env = _read(f"/proc/{entry}/environ")
             if not env or MARKER not in env:
                 continue
             t = time.monotonic()
             rid = next((v[len(MARKER):].decode(errors="replace") for v in env.split(b"\0") if v.startswith(MARKER)), None)
-            if rid is None or (self.run_id and rid != self.run_id):
-                continue
-            try:
-                ns = os.stat(f"/proc/{entry}/ns/net").st_ino
-            except OSError:
-                continue
-            node = self.ns.get(ns)
-            if node is None or node in self.seen.get(rid, {}):
+            if rid is None or (self.run_id and rid != self.run_id) or node in self.seen.get(rid, {}):
                 continue
             cmd = _read(f"/proc/{entry}/cmdline") or b""
             if not any(a.endswith(RANK_COMMAND) for a in cmd.split(b"\0")):
@@ -679,7 +679,8 @@ class Bench:
             again = train(self.inv, self.resync_yaml, dry_run=True)
             if not again.ok or again.plan["stage_dir"] != stage:
                 raise BenchError("train(dry_run=True) of the re-sync job failed:\n" + again.format())
-            for name, argvs in (("llamafleet rsync argv", lf_argv), ("raw parallel rsync", raw_argv)):
+            order = (("llamafleet rsync argv", lf_argv), ("raw parallel rsync", raw_argv))
+            for name, argvs in (order if rnd % 2 else order[::-1]):  # alternate which goes first
                 r = self._parallel_rsync(argvs)
                 r["round"] = rnd
                 rounds[name].append(r)
@@ -739,7 +740,8 @@ class Bench:
         self.setup_pdsh()
         launch = self.launch_rounds()
         resync = self.resync() if not self.args.no_resync else None
-        self.doc = {"benchmark": "train_launch", "issue": 3, "llamafleet_version": __version__,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+        self.doc = {"benchmark": "train_launch", "issue": 3, "llamafleet_version": __version__, "git_head": head,
                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
                     "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "nodes": self.args.nodes,
                     "rounds": self.args.rounds, "poll_ms": self.args.poll_ms, "freeze_ranks": not self.args.no_freeze, "max_steps": self.args.max_steps,

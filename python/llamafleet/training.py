@@ -125,26 +125,24 @@ def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
     return RunStatus(run_id, tuple(nodes), progress, started), run.failure_messages() if not run.ok else []
 
 
-def status(inventory: str | os.PathLike, run_id: str | None = None, *, log_lines: int = 20,
-           extravars: Mapping[str, Any] | None = None) -> RunStatus:
-    """Where the run (default: each node's active run) stands on every node."""
-    run = run_playbook("status.yml", inventory, verb="status",
-                       extravars=_extra(extravars, train_run_id=run_id or "", train_log_lines=log_lines))
-    st, errors = _node_runs(run)
+def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any]) -> RunStatus:
+    """Run playbooks/<verb>.yml on every node; an error before any node answered (a bad inventory) is raised."""
+    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars))
     if errors and not st.nodes:
         raise ConfigError(errors)
     return st
+
+
+def status(inventory: str | os.PathLike, run_id: str | None = None, *, log_lines: int = 20,
+           extravars: Mapping[str, Any] | None = None) -> RunStatus:
+    """Where the run (default: each node's active run) stands on every node."""
+    return _run_verb("status", inventory, _extra(extravars, train_run_id=run_id or "", train_log_lines=log_lines))
 
 
 def stop(inventory: str | os.PathLike, run_id: str | None = None, *, grace_s: int = 20,
          extravars: Mapping[str, Any] | None = None) -> RunStatus:
     """Stop every rank of the run on every node that answers (TERM, then KILL)."""
-    run = run_playbook("stop.yml", inventory, verb="stop",
-                       extravars=_extra(extravars, train_run_id=run_id or "", train_stop_grace_s=grace_s))
-    st, errors = _node_runs(run)
-    if errors and not st.nodes:
-        raise ConfigError(errors)
-    return st
+    return _run_verb("stop", inventory, _extra(extravars, train_run_id=run_id or "", train_stop_grace_s=grace_s))
 
 
 def collect(inventory: str | os.PathLike, run_id: str, *, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -26,6 +26,10 @@ the stack's python (python/llamafleet/tinymodel.py).
                           ControlMaster=auto ControlPersist=120s like ansible.cfg; same end condition; then
                           every process carrying the run id (and its process group) is killed here.
      pdsh (plain)         the same with ControlMaster=no: one new SSH connection per node.
+     floor: ansible-playbook, 1 task
+                          `ansible-playbook bench/floor_launch.yml`: one ansible.builtin.shell task per node
+                          starting the same launch.sh (setsid), llamafleet's ansible.cfg, warm connections:
+                          the least any launch through ansible-playbook costs on these nodes.
    Each rank process is frozen (SIGSTOP) the moment it is seen and continued (SIGCONT) before the stop
    (--no-freeze: left running): the nodes share this machine's cores, and 8 ranks importing torch would
    otherwise slow down the launch on the nodes not reached yet, the slower launcher the more.
@@ -76,6 +80,7 @@ MARKER = b"LLAMAFLEET_RUN_ID="
 RANK_COMMAND = b"llamafactory-cli"  # the job's command (launcher torchrun): argv of a rank's process
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LF, PDSH_CP, PDSH_PLAIN = "llamafleet train()", "pdsh (ControlPersist)", "pdsh (plain)"
+FLOOR = "floor: ansible-playbook, 1 task"
 STATS = {
     "files_transferred": re.compile(r"^Number of regular files transferred: ([\d,]+)", re.M),
     "total_file_size": re.compile(r"^Total file size: ([\d,]+) bytes", re.M),
@@ -532,8 +537,17 @@ class Bench:
             r["left_after_stop"] = self.verify_gone(res.run_id, "llamafleet.stop")
         return r, res.run_id if res.ok else None
 
-    def launch_pdsh(self, run_id: str, persist: bool) -> dict:
-        if persist:
+    def _floor(self, run_id: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        argv = [str(BIN / "ansible-playbook"), str(BENCH / "floor_launch.yml"), "-i", str(self.inv),
+                "-e", json.dumps({"floor_run_id": run_id})]
+        return subprocess.run(argv, cwd=PROJECT, env=self._ansible_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def launch_pdsh(self, run_id: str, persist: bool, floor: bool = False) -> dict:
+        """pdsh starting launch.sh on every node; ``floor``: ansible-playbook with one task doing the same."""
+        if floor:
+            self.keep_warm("ansible")
+        elif persist:
             self.keep_warm("pdsh")
         rdir = f"{shlex.quote(str(self.nodes_dir))}/\"$HOSTNAME\"/runs/{shlex.quote(run_id)}"
         # only the setsid command goes to the background, its output redirected: the remote shell exits at once
@@ -543,17 +557,21 @@ class Bench:
         a = self.cpu_snapshot()
         t0 = time.monotonic()
         try:
-            proc = self._pdsh(cmd, persist)
+            proc = self._floor(run_id) if floor else self._pdsh(cmd, persist)
         except subprocess.TimeoutExpired as exc:
             proc = subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {exc.timeout} s")
         t_ret = time.monotonic()
         b = self.cpu_snapshot()
-        if persist:
+        if floor:
+            self.last_used["ansible"] = time.monotonic()
+        elif persist:
             self.last_used["pdsh"] = time.monotonic()
-        r = {"ok": proc.returncode == 0, "run_id": run_id, "pdsh_return_s": t_ret - t0, "command": cmd, "errors": []}
+        r = {"ok": proc.returncode == 0, "run_id": run_id, "pdsh_return_s": t_ret - t0,
+             "command": "ansible-playbook bench/floor_launch.yml" if floor else cmd, "errors": []}
         if proc.returncode != 0:
-            r["errors"].append(f"pdsh rc {proc.returncode}: {(proc.stdout + proc.stderr)[-800:]}")
-        elif (proc.stdout + proc.stderr).strip():
+            r["errors"].append(f"{'ansible-playbook' if floor else 'pdsh'} rc {proc.returncode}: "
+                               f"{(proc.stdout + proc.stderr)[-800:]}")
+        elif not floor and (proc.stdout + proc.stderr).strip():
             self.warn(f"pdsh printed (rc 0): {(proc.stdout + proc.stderr).strip()[-300:]}")
         if r["ok"]:
             watch.wait()
@@ -590,7 +608,7 @@ class Bench:
         return r
 
     def launch_rounds(self) -> dict:
-        runs = {LF: [], PDSH_CP: [], PDSH_PLAIN: []}
+        runs = {LF: [], PDSH_CP: [], PDSH_PLAIN: [], FLOOR: []}
         warmup = {}
         for rnd in range(self.args.rounds + 1):
             label = "warm-up (not counted)" if rnd == 0 else f"round {rnd}/{self.args.rounds}"
@@ -601,6 +619,8 @@ class Bench:
                 self._record(rnd, PDSH_CP, self.launch_pdsh(run_id, persist=True), runs, warmup)
                 if not self.args.no_plain_pdsh:
                     self._record(rnd, PDSH_PLAIN, self.launch_pdsh(run_id, persist=False), runs, warmup)
+                if not self.args.no_floor:
+                    self._record(rnd, FLOOR, self.launch_pdsh(run_id, persist=True, floor=True), runs, warmup)
         return {"runs": runs, "warmup": warmup}
 
     def _record(self, rnd, name, row, runs, warmup) -> None:
@@ -982,6 +1002,7 @@ def main(argv=None) -> int:
                    help="let each rank run on once seen (default: SIGSTOP it when seen, SIGCONT before the stop, so "
                         "that its start-up does not take the shared cores from the other nodes' launch)")
     p.add_argument("--no-plain-pdsh", action="store_true")
+    p.add_argument("--no-floor", action="store_true", help="skip the ansible-playbook one-task floor row")
     p.add_argument("--no-resync", action="store_true")
     p.add_argument("--no-cpu", action="store_true", help="no cgroup CPU accounting")
     args = p.parse_args(argv)

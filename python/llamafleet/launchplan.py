@@ -30,7 +30,9 @@ from .lock import Stack
 
 _JOB = re.compile(r"[^A-Za-z0-9_.-]+")
 # Environment values never printed in a plan (they still reach the node's node.env, which is never collected).
-_SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY", re.I)
+# Names of variables whose values are secrets (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...);
+# TOKENIZERS_PARALLELISM is a setting, not a token.
+_SECRET = re.compile(r"TOKEN(?!IZER)|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY", re.I)
 
 
 @dataclasses.dataclass(frozen=True)

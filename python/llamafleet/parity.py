@@ -1,14 +1,18 @@
 """Parity: every node compared with every other node and with the lock, component by component.
 
 Input is what the ``llamafleet.cluster.node`` module reported per node (its ``node`` and ``stack``
-keys); output is a ``ParityReport`` that the ``parity`` action saves as JSON and the CLI prints.
+keys, or the train module's ``prepared`` check, which carries the same); output is a ``ParityReport``
+that ``save_report`` writes as JSON and the CLI prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .lock import Stack
@@ -197,3 +201,21 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
                 f" (the {stack.flavor} flavor deletes them; run provision to repair)")
     return ParityReport(ok=not problems, lock_file=stack.lock_file, flavor=stack.flavor, stack_hash=stack.hash,
                         nodes=nodes, rows=tuple(rows), problems=tuple(problems), warnings=tuple(warnings))
+
+
+def save_report(report: ParityReport, inspections: Mapping[str, Mapping[str, Any]], state_dir: str | os.PathLike) -> Path:
+    """Write the report with each node's inspection to <state_dir>/reports/parity-<time>.json and point
+    parity-latest.json at it (atomically). Returns the report's path."""
+    reports = Path(state_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = reports / f"parity-{stamp}.json"
+    data = report.to_dict()
+    data["inspections"] = {h: {"node": r.get("node"), "stack": r.get("stack")} for h, r in inspections.items()}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    latest = reports / "parity-latest.json"
+    tmp_link = reports / f".latest.{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(path.name)
+    os.replace(tmp_link, latest)
+    return path

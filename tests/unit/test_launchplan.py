@@ -89,7 +89,9 @@ def test_sample_inventory_is_a_valid_cluster():
 
 def test_secret_looking_environment_is_not_printed(job, cluster, tmp_path):
     plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s",
-                                extra_env={"WANDB_API_KEY": "s3cr3t-value", "NCCL_P2P_DISABLE": "1"})
+                                extra_env={"WANDB_API_KEY": "s3cr3t-value", "HF_TOKEN": "hf_s3cr3t", "NCCL_P2P_DISABLE": "1"})
     text = plan.format(detail=True)
     assert "s3cr3t-value" not in text and "WANDB_API_KEY=***" in text and "NCCL_P2P_DISABLE=1" in text
+    assert "hf_s3cr3t" not in text and "HF_TOKEN=***" in text
+    assert "TOKENIZERS_PARALLELISM=false" in text  # a setting, not a token
     assert "s3cr3t-value" in plan.nodes["a"].files["node.env"]  # the node still gets it

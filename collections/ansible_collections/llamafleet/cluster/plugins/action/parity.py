@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-from pathlib import Path
-
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
@@ -36,18 +31,7 @@ class ActionModule(ActionBase):
                 found[item["item"]] = item
         inspections = {h: found[h] for h in order if h in found}
         report = parity.compare(stack, inspections, gpus=args.get("gpus") or {})
-        reports = Path(args["state_dir"]) / "reports"
-        reports.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = reports / f"parity-{stamp}.json"
-        data = report.to_dict()
-        data["inspections"] = {h: {"node": r.get("node"), "stack": r.get("stack")} for h, r in inspections.items()}
-        path.write_text(json.dumps(data, indent=2, sort_keys=True))
-        latest = reports / "parity-latest.json"
-        tmp_link = reports / f".latest.{os.getpid()}"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(path.name)
-        os.replace(tmp_link, latest)
+        path = parity.save_report(report, inspections, args["state_dir"])
         result.update(changed=False, report=report.to_dict(), report_path=str(path))
         if not report.ok:
             result.update(failed=True, msg=report.format() + f"\nreport: {path}")

@@ -1,5 +1,5 @@
 # -*- coding: utf-8 -*-
-"""Judging a launch across nodes: which nodes did not start, and why."""
+"""A launch across nodes: the transfers the sync action makes, and which nodes did not start, and why."""
 
 from __future__ import annotations
 
@@ -18,6 +18,23 @@ def failed_starts(hostvars, hosts):
     return out
 
 
+def inputs_transfers(hostvars, plan, hosts, results_var="__train_prepared"):
+    """One phase of the sync action: the staged inputs to the inputs directory of every host whose check
+    (``results_var``) found files that differ from the manifest. Nodes already holding them are left alone."""
+    return [[{"host": h, "src": plan["stage_dir"], "dest": plan["nodes"][h]["inputs_dir"]} for h in hosts
+             if (hostvars[h].get(results_var) or {}).get("inputs_differ", True)]]
+
+
+def checkpoint_transfers(plan, master, checkpoint, stage, hosts):
+    """Two phases: the master's checkpoint to the controller's ``stage``, then from there to every
+    worker's copy of the run (never deleting: each worker keeps its own rank's files)."""
+    def path(h):
+        return "%s/output/%s" % (plan["nodes"][h]["run_dir"], checkpoint)
+    return [[{"host": master, "src": path(master), "dest": stage, "pull": True, "delete": False}],
+            [{"host": h, "src": stage, "dest": path(h), "delete": False} for h in hosts if h != master]]
+
+
 class FilterModule:
     def filters(self):
-        return {"failed_starts": failed_starts}
+        return {"failed_starts": failed_starts, "inputs_transfers": inputs_transfers,
+                "checkpoint_transfers": checkpoint_transfers}

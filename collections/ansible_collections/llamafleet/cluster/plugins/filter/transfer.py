@@ -6,11 +6,13 @@ from __future__ import annotations
 import shlex
 
 
-def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=()):
+def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_args=()):
     """argv for `rsync` from the controller to the node described by ``hostvars`` (``pull``: the other way).
 
     Host keys are checked exactly as Ansible's connection checks them: the node's
     ansible_ssh_common_args (e.g. its UserKnownHostsFile) are passed to ssh unchanged.
+    ``ssh_args``: options placed first, e.g. Ansible's own ControlMaster/ControlPath, so that rsync
+    travels over the connection Ansible keeps open to the node (and leaves it open for Ansible).
     --itemize-changes prints one line per file transferred: no output means nothing changed.
     """
     # --omit-dir-times: the controller's staging tree is rebuilt (hard links) for every run, so its
@@ -22,7 +24,7 @@ def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=()):
     src = src.rstrip("/") + "/"
     if hostvars.get("ansible_connection") == "local":
         return argv + [src, dest.rstrip("/") + "/"]
-    ssh = ["ssh", "-o", "BatchMode=yes"]
+    ssh = ["ssh", *ssh_args, "-o", "BatchMode=yes"]
     if hostvars.get("ansible_port"):
         ssh += ["-p", str(hostvars["ansible_port"])]
     if hostvars.get("ansible_ssh_private_key_file"):

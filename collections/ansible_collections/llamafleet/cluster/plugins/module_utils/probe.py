@@ -1,14 +1,18 @@
 # -*- coding: utf-8 -*-
-# Node-side facts for llamafleet: what a node is and what its stack venv holds.
+# Node-side facts for llamafleet: what a node is and what its stack venv holds (used by the node
+# module to inspect and build, and by the train module to check a node before a launch).
 # Runs on the node under the module's interpreter; standard library only.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 
 # Run by the venv's own Python: the versions it reports are the ones training will import.
 # Package versions come from distribution metadata (no `import torch`: a probe must cost
@@ -29,6 +33,8 @@ for d in md.distributions():
             out["local_packages"].append(name)
 import sysconfig
 purelib = sysconfig.get_paths()["purelib"]
+# where the distributions above were found: the probe's cache is valid while none of them changes
+out["path_dirs"] = [p for p in sys.path if p and os.path.isdir(p)]
 out["site_packages"] = purelib
 tv = None
 for base in sys.path:
@@ -52,6 +58,8 @@ if os.environ.get("LLAMAFLEET_PROBE_NCCL") == "1":
 print(json.dumps(out))
 """
 
+# the probe's cache, in the venv (beside the NCCL answer's)
+PROBE_CACHE = ".llamafleet-probe.json"
 _NVCC = re.compile(r"release ([0-9]+\.[0-9]+)")
 
 
@@ -93,16 +101,55 @@ def nvcc_version():
     return None
 
 
+def _stamp(path):
+    st = os.stat(path)
+    return "%d:%d:%d" % (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _cached_probe(venv, python):
+    """The last probe of this venv, while its interpreter and every directory its distributions were found
+    in are unchanged (pip adds or removes a *.dist-info directory for every install, upgrade or removal)."""
+    try:
+        with open(os.path.join(venv, PROBE_CACHE)) as fh:
+            cached = json.load(fh)
+        if cached["python"] != _stamp(os.path.realpath(python)):
+            return None
+        if any(_stamp(d) != stamp for d, stamp in cached["dirs"].items()):
+            return None
+        return cached["probe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_probe(venv, python, probe):
+    try:
+        dirs = {d: _stamp(d) for d in probe.get("path_dirs", [])}
+        # a directory changed within the last two seconds could change again within its timestamp's
+        # granularity: not cached (the next probe runs the venv's Python again)
+        if any(time.time() - os.stat(d).st_mtime < 2 for d in dirs):
+            return
+        tmp = os.path.join(venv, PROBE_CACHE + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"python": _stamp(os.path.realpath(python)), "dirs": dirs, "probe": probe}, fh)
+        os.replace(tmp, os.path.join(venv, PROBE_CACHE))
+    except OSError:
+        pass
+
+
 def probe_venv(venv, gpu_node):
-    """The venv Python's own report. NCCL through torch is asked only on GPU nodes and cached
-    in the venv, keyed by the torch install's modification time (a reinstall invalidates it)."""
+    """The venv Python's own report, cached in the venv while nothing in it changed. NCCL through torch is
+    asked only on GPU nodes and cached in the venv, keyed by the torch install's modification time (a
+    reinstall invalidates it)."""
     python = os.path.join(venv, "bin", "python")
     env = dict(os.environ, PYTHONNOUSERSITE="1")
     env.pop("PYTHONPATH", None)
-    rc, out, err = run([python, "-I", "-c", PROBE_SCRIPT], timeout=120, env=env)
-    if rc != 0:
-        return {"error": "the venv's Python failed to run the probe: " + (err or out).strip()[-500:]}
-    probe = json.loads(out)
+    probe = _cached_probe(venv, python)
+    if probe is None:
+        rc, out, err = run([python, "-I", "-c", PROBE_SCRIPT], timeout=120, env=env)
+        if rc != 0:
+            return {"error": "the venv's Python failed to run the probe: " + (err or out).strip()[-500:]}
+        probe = json.loads(out)
+        _save_probe(venv, python, probe)
     if gpu_node and probe.get("torch_location"):
         torch_dir = os.path.join(probe["torch_location"], "torch")
         key = "%s:%s" % (probe["packages"].get("torch"), os.stat(torch_dir).st_mtime_ns)
@@ -128,3 +175,109 @@ def probe_venv(venv, gpu_node):
                 except OSError:
                     pass
     return probe
+
+
+MARKER = ".llamafleet-complete"
+# Installed by venv/ensurepip, not by the lock: never reported as extras.
+_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
+_CRED = re.compile(r"(://)[^/@\s]+@")
+
+
+def canon(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def redact(text):
+    return _CRED.sub(r"\1***@", text)
+
+
+def _version_matches(pin, found):
+    """PEP 440 ==: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label matches it exactly."""
+    if found is None:
+        return False
+    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
+
+
+def _interpreter(name):
+    if os.path.isabs(name):
+        return name if os.access(name, os.X_OK) else None
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/bin", "/usr/bin", "/bin"])
+    return shutil.which(name, path=search)
+
+
+def _disk_free_gb(path):
+    p = path
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return round(st.f_bavail * st.f_frsize / 2**30, 2), p
+
+
+def _expected(requirements):
+    pins = {}
+    for phase in requirements:
+        for req in phase:
+            name, _, ver = req.partition("==")
+            pins[canon(name)] = ver
+    return pins
+
+
+def stack_state(p, venv):
+    """absent | incomplete | drift | ok, with the probe and what differs."""
+    state = {"path": venv, "status": "absent", "probe": None, "drift": [], "extras": [], "stripped_present": []}
+    if not os.path.isdir(venv):
+        return state
+    marker = os.path.join(venv, MARKER)
+    if not os.path.isfile(marker) or not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
+        state["status"] = "incomplete"
+        return state
+    probe = probe_venv(venv, p["gpu_expected"])
+    state["probe"] = probe
+    if "error" in probe:
+        state["status"] = "incomplete"
+        return state
+    if ".".join(probe["python"].split(".")[:2]) != p["python_minor"]:
+        # Another interpreter: the venv cannot be repaired in place, only rebuilt.
+        state["status"] = "wrong-python"
+        state["drift"].append("python %s (lock: %s)" % (probe["python"], p["python_minor"]))
+        return state
+    expected = _expected(p["requirements"])
+    installed = probe["packages"]
+    for name, pin in sorted(expected.items()):
+        if not _version_matches(pin, installed.get(name)):
+            state["drift"].append("%s==%s" % (name, pin))
+    local = set(probe.get("local_packages", installed))
+    state["extras"] = sorted(n for n in local if n not in expected and n not in _BASELINE)
+    for pkg, patterns in p["strip"].items():
+        for pattern in patterns:
+            state["stripped_present"] += glob.glob(os.path.join(probe["site_packages"], pattern))
+    if state["drift"] or state["extras"] or state["stripped_present"]:
+        state["status"] = "drift"
+    else:
+        state["status"] = "ok"
+    return state
+
+
+def node_facts(p, venv):
+    """(node, stack state): what preflight and parity judge. ``p`` holds the inspection options of
+    the node module (root, python, python_minor, requirements, strip, gpu_expected, controller_time)."""
+    started = time.time()
+    state = stack_state(p, venv)
+    interpreter = _interpreter(p["python"])
+    interp_version = None
+    if interpreter and state["status"] != "ok":  # only a node that builds a venv needs its interpreter checked
+        rc, out, _ = run([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], timeout=30)
+        interp_version = out.strip() if rc == 0 else None
+    free_gb, disk_path = _disk_free_gb(p["root"])
+    node = {
+        "hostname": socket.gethostname(),
+        "time": started,
+        # >= the true offset: the task's trip from the controller is in it (never negative for a good clock)
+        "clock_offset_s": round(started - p["controller_time"], 3) if p.get("controller_time") else None,
+        "interpreter": {"name": p["python"], "path": interpreter, "version": interp_version},
+        "disk_free_gb": free_gb,
+        "disk_path": disk_path,
+        "nvcc": nvcc_version(),
+    }
+    node.update(gpu_facts())
+    return node, state

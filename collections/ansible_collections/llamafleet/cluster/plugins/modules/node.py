@@ -100,99 +100,21 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import (
-    gpu_facts,
-    nvcc_version,
+    MARKER,
+    node_facts,
     probe_venv,
+    redact as _redact,
     run,
+    stack_state as _stack_state,
 )
 
-MARKER = ".llamafleet-complete"
-# Installed by venv/ensurepip, not by the lock: never reported as extras.
-_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
-_CRED = re.compile(r"(://)[^/@\s]+@")
 _NETWORK = re.compile(r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
                       r"Failed to establish a new connection|Connection refused|No route to host")
-
-
-def _canon(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _redact(text):
-    return _CRED.sub(r"\1***@", text)
-
-
-def _version_matches(pin, found):
-    """PEP 440 ==: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label matches it exactly."""
-    if found is None:
-        return False
-    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
-
-
-def _interpreter(name):
-    if os.path.isabs(name):
-        return name if os.access(name, os.X_OK) else None
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/bin", "/usr/bin", "/bin"])
-    return shutil.which(name, path=search)
-
-
-def _disk_free_gb(path):
-    p = path
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    st = os.statvfs(p)
-    return round(st.f_bavail * st.f_frsize / 2**30, 2), p
-
-
-def _expected(requirements):
-    pins = {}
-    for phase in requirements:
-        for req in phase:
-            name, _, ver = req.partition("==")
-            pins[_canon(name)] = ver
-    return pins
-
-
-def _stack_state(p, venv):
-    """absent | incomplete | drift | ok, with the probe and what differs."""
-    state = {"path": venv, "status": "absent", "probe": None, "drift": [], "extras": [], "stripped_present": []}
-    if not os.path.isdir(venv):
-        return state
-    marker = os.path.join(venv, MARKER)
-    if not os.path.isfile(marker) or not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
-        state["status"] = "incomplete"
-        return state
-    probe = probe_venv(venv, p["gpu_expected"])
-    state["probe"] = probe
-    if "error" in probe:
-        state["status"] = "incomplete"
-        return state
-    if ".".join(probe["python"].split(".")[:2]) != p["python_minor"]:
-        # Another interpreter: the venv cannot be repaired in place, only rebuilt.
-        state["status"] = "wrong-python"
-        state["drift"].append("python %s (lock: %s)" % (probe["python"], p["python_minor"]))
-        return state
-    expected = _expected(p["requirements"])
-    installed = probe["packages"]
-    for name, pin in sorted(expected.items()):
-        if not _version_matches(pin, installed.get(name)):
-            state["drift"].append("%s==%s" % (name, pin))
-    local = set(probe.get("local_packages", installed))
-    state["extras"] = sorted(n for n in local if n not in expected and n not in _BASELINE)
-    for pkg, patterns in p["strip"].items():
-        for pattern in patterns:
-            state["stripped_present"] += glob.glob(os.path.join(probe["site_packages"], pattern))
-    if state["drift"] or state["extras"] or state["stripped_present"]:
-        state["status"] = "drift"
-    else:
-        state["status"] = "ok"
-    return state
 
 
 class InstallError(Exception):
@@ -317,27 +239,10 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
-    started = time.time()
     stacks = os.path.join(p["root"], "stacks")
     venv = os.path.join(stacks, p["venv_name"])
-    state = _stack_state(p, venv)
-    interpreter = _interpreter(p["python"])
-    interp_version = None
-    if interpreter and state["status"] != "ok":  # only a node that builds a venv needs its interpreter checked
-        rc, out, _ = run([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], timeout=30)
-        interp_version = out.strip() if rc == 0 else None
-    free_gb, disk_path = _disk_free_gb(p["root"])
-    node = {
-        "hostname": socket.gethostname(),
-        "time": started,
-        # >= the true offset: the task's trip from the controller is in it (never negative for a good clock)
-        "clock_offset_s": round(started - p["controller_time"], 3) if p["controller_time"] else None,
-        "interpreter": {"name": p["python"], "path": interpreter, "version": interp_version},
-        "disk_free_gb": free_gb,
-        "disk_path": disk_path,
-        "nvcc": nvcc_version(),
-    }
-    node.update(gpu_facts())
+    node, state = node_facts(p, venv)
+    interpreter = node["interpreter"]["path"]
 
     if p["state"] == "inspect":
         module.exit_json(changed=False, node=node, stack=state)

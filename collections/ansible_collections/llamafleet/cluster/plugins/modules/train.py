@@ -8,11 +8,15 @@ DOCUMENTATION = r"""
 module: train
 short_description: Prepare, start, report on or stop a node's part of a llamafleet training run
 description:
-  - C(prepared) checks the node before anything starts. The synced inputs must match the controller's
-    manifest, no other run may be active, the NCCL interface must exist, there must be disk. On the master,
-    the rendezvous port must be free, and a short-lived listener is opened on it for the workers to reach.
-  - C(started) writes the run directory (yaml, environment, hostfile, launch script), checks that the master's
-    rendezvous port is reachable from this node, and starts training detached from the SSH session.
+  - C(prepared) checks the node before anything starts, in one pass. It inspects the node and its stack venv
+    as the node module does (the controller then judges parity and preflight for all nodes together). The
+    synced inputs must match the controller's manifest, no other run may be active, the NCCL interface must
+    exist, there must be disk, and on the master the rendezvous port must be free. It reports the run's last
+    complete checkpoint on this node (for a resume).
+  - C(started) writes the run directory (yaml, environment, hostfile, launch script) and starts training detached
+    from the SSH session. First a real TCP check of the rendezvous port between the nodes. The master listens on
+    it until every worker has connected. A worker connects to the master's training address. Nothing starts on a
+    node whose check fails.
   - C(status) reports whether the run is running, its exit code, the log's last lines and rank 0's progress.
   - C(stopped) stops every process of the run (its process group and any process carrying its run id), TERM then KILL.
 version_added: "0.1.0"
@@ -35,7 +39,8 @@ options:
     description: Directory holding the run's inputs on this node.
     type: path
   manifest:
-    description: Relative path to sha256 of every input file, as the controller computed them.
+    description: Relative path to sha256 of every input file, as the controller computed them. C(prepared) reports the
+      files that differ (C(inputs_differ)), C(started) refuses to start when any does.
     type: dict
     default: {}
   files:
@@ -90,6 +95,41 @@ options:
     description: Name of the checkpoint (in the run's output directory) to continue from, with C(started).
     type: str
     default: ""
+  shared_inputs:
+    description: With C(prepared), the inputs are on a shared filesystem, verified in place (a difference is an error, not
+      something to sync).
+    type: bool
+    default: false
+  connect_timeout_s:
+    description: With C(started), seconds to wait for the rendezvous port check between master and workers.
+    type: int
+    default: 60
+  venv_name:
+    description: With C(prepared), the stack venv's directory name under C(root)/stacks (inspected as by the node module).
+    type: str
+  python:
+    description: With C(prepared), the interpreter a venv would be built with (reported, as by the node module).
+    type: str
+    default: python3
+  python_minor:
+    description: With C(prepared), the major.minor version the lock asks for.
+    type: str
+  requirements:
+    description: With C(prepared), the lock's install phases, each a list of C(name==version).
+    type: list
+    elements: list
+    default: []
+  strip:
+    description: With C(prepared), site-packages globs the lock strips, per package.
+    type: dict
+    default: {}
+  gpu_expected:
+    description: With C(prepared), the stack is a CUDA one; ask torch for its NCCL version.
+    type: bool
+    default: false
+  controller_time:
+    description: With C(prepared), the controller's clock (epoch seconds) when it sent this task.
+    type: float
 """
 
 EXAMPLES = r"""
@@ -106,39 +146,24 @@ run:
   type: dict
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shlex
 import signal
 import socket
+import struct
 import subprocess
-import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import node_facts
 
 ACTIVE = "active"
 RUN_ID_VAR = "LLAMAFLEET_RUN_ID"
 
 # The master's reachability listener: accepts the workers' test connections, then gets out of the way.
-LISTENER = r"""
-import json, socket, sys, time
-host, port, expect, deadline, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((host, port)); s.listen(64)
-peers = []
-s.settimeout(0.5)
-while len(peers) < expect and time.time() < deadline:
-    try:
-        c, addr = s.accept(); peers.append(addr[0]); c.close()
-    except socket.timeout:
-        pass
-s.close()
-open(out + ".tmp", "w").write(json.dumps({"peers": peers}))
-import os; os.replace(out + ".tmp", out)
-"""
-
-
 def _alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as fh:
@@ -278,17 +303,17 @@ def _stop(root, run_id, grace):
     return True
 
 
-def _check_inputs(module, p, problems):
+def _check_inputs(p, extras=False):
+    """Input files that differ from the controller's manifest (missing, other content), as "path (why)";
+    with ``extras``, also files in the inputs directory the manifest does not list (a sync deletes them).
+    A file's sha256 is cached by size and mtime, so an unchanged input is not read again."""
     base = p["inputs_dir"]
     # beside the inputs, not among them: a sync with --delete would remove it
     cache_path = os.path.join(p["root"], "cache", "inputs-sha256.json")
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    cache = {}
-    if cache_path:
-        try:
-            cache = json.loads(_read(cache_path, "{}") or "{}")
-        except ValueError:
-            cache = {}
+    try:
+        cache = json.loads(_read(cache_path, "{}") or "{}")
+    except ValueError:
+        cache = {}
     fresh = {}
     bad = []
     for rel, want in sorted(p["manifest"].items()):
@@ -303,31 +328,46 @@ def _check_inputs(module, p, problems):
         fresh[path] = {key: got}
         if got != want:
             bad.append("%s (sha256 differs)" % rel)
-    if os.path.isdir(base):
+    if extras and os.path.isdir(base):
+        for top, _dirs, names in os.walk(base):
+            for name in names:
+                rel = os.path.relpath(os.path.join(top, name), base)
+                if rel not in p["manifest"]:
+                    bad.append("%s (not an input of this run)" % rel)
+    if fresh and any(cache.get(k) != v for k, v in fresh.items()):
         try:
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
             cache.update(fresh)
             _write(cache_path, json.dumps({k: v for k, v in cache.items() if os.path.exists(k)}))
         except OSError:
             pass
-    if bad:
-        problems.append("inputs on this node differ from the controller's: %s; rerun train to sync them, "
-                        "or fix the shared filesystem" % ", ".join(bad[:10]))
+    return bad
+
+
+def _replaced_run(p):
+    """The run still running on this node that --replace will stop (none without --replace)."""
+    active = _active_run(p["root"]) if p["replace"] else None
+    if active and active != p["run_id"] and _run_state(p["root"], active, log_lines=0)["state"] == "running":
+        return active
+    return None
 
 
 def _prepare(module, p, host):
     problems = []
     root = p["root"]
+    replacing = _replaced_run(p)
     active = _active_run(root)
-    if active:
-        st = _run_state(root, active, log_lines=0)
-        if st["state"] == "running":
-            if p["replace"]:
-                _stop(root, active, p["grace_s"])
-            else:
-                problems.append("run %s is still running here; stop it first (llamafleet stop) or start this one "
-                                "with --replace" % active)
+    if active and not replacing and _run_state(root, active, log_lines=0)["state"] == "running":
+        problems.append("run %s is still running here; stop it first (llamafleet stop) or start this one "
+                        "with --replace" % active)
+    out = {"inputs_differ": []}
     if p["manifest"]:
-        _check_inputs(module, p, problems)
+        differ = _check_inputs(p, extras=not p["shared_inputs"])
+        if p["shared_inputs"] and differ:
+            problems.append("inputs on the shared filesystem differ from the controller's: %s; fix the shared "
+                            "filesystem or sync the inputs (no --shared-inputs)" % ", ".join(differ[:10]))
+        # what differs is synced next, to this node only, and checked again before anything starts
+        out["inputs_differ"] = differ[:200]
     ifname = p.get("nccl_socket_ifname")
     if ifname:
         names = [n.lstrip("^") for n in ifname.split(",")]
@@ -341,8 +381,8 @@ def _prepare(module, p, host):
     free = st.f_bavail * st.f_frsize / 2**30
     if free < p["min_disk_gb"]:
         problems.append("only %.1f GiB free at %s; outputs need %.1f GiB (train_min_disk_gb)" % (free, root, p["min_disk_gb"]))
-    listener = None
-    if p["master"] and not problems:
+    # a run being replaced still holds the port: it is stopped, and the port bound, only when starting
+    if p["master"] and not problems and not replacing:
         s = socket.socket()
         # as torch's TCPStore binds it: connections of an earlier run in TIME_WAIT do not hold the port
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -353,60 +393,96 @@ def _prepare(module, p, host):
                             "to a free port" % (p["master_port"], exc.strerror))
         finally:
             s.close()
-        if not problems and p["workers"]:
-            run_dir = os.path.join(root, "runs", p["run_id"])
-            os.makedirs(run_dir, exist_ok=True)
-            out = os.path.join(run_dir, "listener.json")
-            if os.path.exists(out):
-                os.unlink(out)
-            subprocess.Popen([sys.executable, "-c", LISTENER, "", str(p["master_port"]), str(p["workers"]),
-                              str(time.time() + 120), out], start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            listener = out
+    if p["venv_name"]:
+        out["node"], out["stack"] = node_facts(p, os.path.join(root, "stacks", p["venv_name"]))
+    # a resume continues from the master's last complete checkpoint of this run
+    out["checkpoint"] = _last_checkpoint(os.path.join(root, "runs", p["run_id"], "output")) if p["run_id"] else None
     if problems:
-        module.fail_json(msg="%s: %s" % (host, "; ".join(problems)), problems=problems)
-    module.exit_json(changed=False, listener=listener)
+        module.fail_json(msg="%s: %s" % (host, "; ".join(problems)), problems=problems, **out)
+    module.exit_json(changed=False, **out)
+
+
+def _rendezvous_check(module, p, host):
+    """A real TCP connection between every worker and the master's rendezvous address, before anything starts:
+    the master listens on the port until every worker has connected, each worker connects from its own network."""
+    deadline = time.time() + p["connect_timeout_s"]
+    if p["master"]:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        while True:  # a replaced run's processes may take a moment to release the port
+            try:
+                s.bind(("", p["master_port"]))
+                break
+            except OSError as exc:
+                if time.time() > deadline - p["connect_timeout_s"] / 2:
+                    s.close()
+                    module.fail_json(msg="%s: the rendezvous port %d is already in use on the master (%s); set "
+                                         "train_master_port to a free port" % (host, p["master_port"], exc.strerror))
+                time.sleep(0.2)
+        s.listen(max(64, p["workers"]))
+        s.settimeout(0.2)
+        peers = []
+        try:
+            while len(peers) < p["workers"] and time.time() < deadline:
+                try:
+                    conn, addr = s.accept()
+                except socket.timeout:
+                    continue
+                peers.append(addr[0])
+                conn.close()
+        finally:
+            s.close()
+        if len(peers) < p["workers"]:
+            module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d within %ds (from: %s); "
+                                 "check llamafleet_train_addr of the master and the firewall between the nodes"
+                                 % (host, len(peers), p["workers"], p["master_port"], p["connect_timeout_s"],
+                                    ", ".join(peers) or "none"))
+        return
+    err = None
+    while time.time() < deadline:
+        try:
+            socket.create_connection((p["master_addr"], p["master_port"]), timeout=3).close()
+            return
+        except OSError as exc:
+            err = exc
+            time.sleep(0.05)
+    module.fail_json(msg="%s: cannot reach the master's rendezvous address %s:%d (%s); check "
+                         "llamafleet_train_addr of the master and the firewall between the nodes"
+                         % (host, p["master_addr"], p["master_port"], err))
 
 
 def _interface_to(addr):
     """The interface this node uses for ``addr``: the one holding it when it is local (the master's own
     training address), else the one the route to it leaves by. None when it cannot be told."""
-    rc_out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True)
-    for line in rc_out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) > 3 and parts[3].split("/")[0] == addr:
-            return parts[1]
-    route = subprocess.run(["ip", "-o", "route", "get", addr], capture_output=True, text=True).stdout.split()
-    return route[route.index("dev") + 1] if "dev" in route else None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((addr, 9))  # UDP: no packet is sent, the kernel only picks the route and source address
+        source = probe.getsockname()[0]
+        for _index, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == source:
+                return name
+    finally:
+        probe.close()
+    return None
 
 
 def _start(module, p, host):
     root, run_id = p["root"], p["run_id"]
     run_dir = os.path.join(root, "runs", run_id)
-    if not p["master"] and p["master_addr"]:
-        # A real TCP connection to the master's rendezvous port, from this node's network.
-        deadline, err = time.time() + 60, None
-        while time.time() < deadline:
-            try:
-                socket.create_connection((p["master_addr"], p["master_port"]), timeout=3).close()
-                err = None
-                break
-            except OSError as exc:
-                err = exc
-                time.sleep(0.3)
-        if err is not None:
-            module.fail_json(msg="%s: cannot reach the master's rendezvous address %s:%d (%s); check "
-                                 "llamafleet_train_addr of the master and the firewall between the nodes"
-                                 % (host, p["master_addr"], p["master_port"], err))
-    if p["master"] and p["workers"]:
-        out = os.path.join(run_dir, "listener.json")
-        deadline = time.time() + 110
-        while not os.path.exists(out) and time.time() < deadline:
-            time.sleep(0.1)
-        peers = json.loads(_read(out, '{"peers": []}') or '{"peers": []}')["peers"]
-        if len(peers) < p["workers"]:
-            module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d"
-                                 % (host, len(peers), p["workers"], p["master_port"]))
+    if p["manifest"]:
+        differ = _check_inputs(p)
+        if differ:
+            module.fail_json(msg="%s: inputs on this node differ from the controller's after the sync: %s; nothing was "
+                                 "started, rerun train" % (host, ", ".join(differ[:10])))
+    replaced = _replaced_run(p)
+    if replaced:
+        _stop(root, replaced, p["grace_s"])
+    if p["workers"] and p["master_addr"]:
+        _rendezvous_check(module, p, host)
     os.makedirs(run_dir, exist_ok=True)
     files = dict(p["files"])
     if p["resume_checkpoint"]:
@@ -482,6 +558,15 @@ def main():
             log_lines=dict(type="int", default=20),
             progress_file=dict(type="str", default="output/trainer_log.jsonl"),
             resume_checkpoint=dict(type="str", default=""),
+            connect_timeout_s=dict(type="int", default=60),
+            shared_inputs=dict(type="bool", default=False),
+            venv_name=dict(type="str"),
+            python=dict(type="str", default="python3"),
+            python_minor=dict(type="str"),
+            requirements=dict(type="list", elements="list", default=[]),
+            strip=dict(type="dict", default={}),
+            gpu_expected=dict(type="bool", default=False),
+            controller_time=dict(type="float"),
         ),
         supports_check_mode=False,
     )

@@ -1,0 +1,112 @@
+"""The collection's own logic that runs outside a playbook: sync transfers, rsync over Ansible's
+connections, the node probe's cache, the rendezvous interface lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PROJECT
+
+sys.path.insert(0, str(PROJECT / "collections"))
+
+from ansible_collections.llamafleet.cluster.plugins.filter import train as train_filters  # noqa: E402
+from ansible_collections.llamafleet.cluster.plugins.filter.transfer import rsync_argv  # noqa: E402
+from ansible_collections.llamafleet.cluster.plugins.module_utils import probe  # noqa: E402
+
+PLAN = {"stage_dir": "/ctl/stage/job", "run_id": "r1",
+        "nodes": {h: {"inputs_dir": f"/srv/{h}/inputs/job", "run_dir": f"/srv/{h}/runs/r1"} for h in ("a", "b", "c")}}
+
+
+def test_only_nodes_whose_inputs_differ_are_synced():
+    hostvars = {"a": {"__train_prepared": {"inputs_differ": []}},
+                "b": {"__train_prepared": {"inputs_differ": ["data/x.jsonl (missing)"]}},
+                "c": {}}  # no check result: synced, never skipped by mistake
+    phases = train_filters.inputs_transfers(hostvars, PLAN, ["a", "b", "c"])
+    assert phases == [[{"host": "b", "src": "/ctl/stage/job", "dest": "/srv/b/inputs/job"},
+                       {"host": "c", "src": "/ctl/stage/job", "dest": "/srv/c/inputs/job"}]]
+
+
+def test_a_checkpoint_goes_master_to_controller_then_to_every_worker_without_deleting():
+    pull, push = train_filters.checkpoint_transfers(PLAN, "b", "checkpoint-4", "/ctl/resume", ["a", "b", "c"])
+    assert pull == [{"host": "b", "src": "/srv/b/runs/r1/output/checkpoint-4", "dest": "/ctl/resume", "pull": True,
+                     "delete": False}]
+    assert [t["host"] for t in push] == ["a", "c"] and all(t["delete"] is False for t in push)
+    assert push[0]["dest"] == "/srv/a/runs/r1/output/checkpoint-4"
+
+
+def test_rsync_reaches_the_node_like_ansible_and_shares_its_connection():
+    hv = {"inventory_hostname": "n1", "ansible_host": "10.0.0.5", "ansible_user": "root", "ansible_port": 2222,
+          "ansible_ssh_private_key_file": "/k/id", "ansible_ssh_common_args": "-o UserKnownHostsFile='/k/known hosts'"}
+    argv = rsync_argv(hv, "/src", "/dst", ssh_args=["-o", "ControlPath=/cp/%C"])
+    ssh = argv[argv.index("-e") + 1]
+    assert ssh.startswith("ssh -o ControlPath=/cp/%C -o BatchMode=yes -p 2222 -i /k/id")
+    assert "'UserKnownHostsFile=/k/known hosts'" in ssh and "StrictHostKeyChecking=no" not in ssh
+    assert argv[-2:] == ["/src/", "root@10.0.0.5:/dst/"]
+
+
+def test_sync_uses_ansibles_control_path_for_ssh_nodes_only(tmp_path):
+    from ansible_collections.llamafleet.cluster.plugins.action.sync import ssh_persistence_args
+
+    hv = {"ansible_host": "10.0.0.5", "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=60s",
+          "ansible_control_path": "%(directory)s/%%C", "ansible_control_path_dir": str(tmp_path / "cp")}
+    args = ssh_persistence_args(hv)
+    assert args == ["-o", "ControlMaster=auto", "-o", "ControlPersist=60s", "-o", f"ControlPath={tmp_path}/cp/%C"]
+    assert ssh_persistence_args({**hv, "ansible_connection": "local"}) == []
+    # without ControlPersist there is no connection to share
+    assert ssh_persistence_args({**hv, "ansible_ssh_args": "-o ServerAliveInterval=5"}) == ["-o", "ServerAliveInterval=5"]
+
+
+@pytest.fixture
+def venv(tmp_path):
+    path = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    return path
+
+
+def _age(paths, seconds=60):
+    past = time.time() - seconds
+    for p in paths:
+        os.utime(p, (past, past))
+
+
+def test_the_probe_is_cached_until_a_package_changes(venv, monkeypatch):
+    first = probe.probe_venv(str(venv), False)
+    assert first["python"].startswith("%d.%d." % sys.version_info[:2]) and first["path_dirs"]
+    # just written: a directory changed within its timestamp's granularity is not trusted yet
+    assert not (venv / probe.PROBE_CACHE).exists()
+    _age(first["path_dirs"])
+    probe.probe_venv(str(venv), False)
+    assert json.loads((venv / probe.PROBE_CACHE).read_text())["probe"]["python"] == first["python"]
+
+    calls = []
+    real_run = probe.run
+    monkeypatch.setattr(probe, "run", lambda *a, **kw: calls.append(a) or real_run(*a, **kw))
+    assert probe.probe_venv(str(venv), False)["packages"] == first["packages"]
+    assert not calls, "an unchanged venv ran its Python again"
+
+    # pip installing anything adds a *.dist-info directory to site-packages
+    site = first["site_packages"]
+    dist = os.path.join(site, "planted-1.0.dist-info")
+    os.makedirs(dist)
+    with open(os.path.join(dist, "METADATA"), "w") as fh:
+        fh.write("Metadata-Version: 2.1\nName: planted\nVersion: 1.0\n")
+    again = probe.probe_venv(str(venv), False)
+    assert calls and again["packages"].get("planted") == "1.0"
+
+
+def test_the_interface_that_reaches_an_address():
+    assert probe_interface("127.0.0.1") == "lo"
+
+
+def probe_interface(addr):
+    code = (PROJECT / "collections/ansible_collections/llamafleet/cluster/plugins/modules/train.py").read_text()
+    ns: dict = {}
+    # the module's helpers, without running the module (main() needs Ansible's arguments)
+    exec(compile(code.split("\ndef main():")[0], "train.py", "exec"), ns)
+    return ns["_interface_to"](addr)

@@ -163,7 +163,7 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import no
 ACTIVE = "active"
 RUN_ID_VAR = "LLAMAFLEET_RUN_ID"
 
-# The master's reachability listener: accepts the workers' test connections, then gets out of the way.
+
 def _alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as fh:

@@ -35,7 +35,8 @@ def testbed(tmp_path_factory):
         pytest.skip(why)
     from testbed import Testbed
 
-    tb = Testbed(tmp_path_factory.mktemp("testbed"), nodes=3, slot=1)
+    # LLAMAFLEET_TEST_SLOT: another testbed slot, to run tests beside a session that holds slot 1
+    tb = Testbed(tmp_path_factory.mktemp("testbed"), nodes=3, slot=int(os.environ.get("LLAMAFLEET_TEST_SLOT", "1")))
     tb.up()
     yield tb
     tb.down()

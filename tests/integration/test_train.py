@@ -237,3 +237,32 @@ def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job,
     assert resumed.ok, resumed.format()
     steps = [json.loads(line)["current_steps"] for line in Path(resumed.outputs["trainer log"]).read_text().splitlines()]
     assert steps[-1] == done[-1] + 2
+
+
+def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_stack):
+    from llamafleet.runner import run_playbook
+
+    _, roots = default_stack
+    cfg = variant(job, "resync", max_steps=400)
+    first = train(two_nodes, cfg)
+    assert first.ok, first.format()
+    stop(two_nodes, first.run_id)
+    # node2's copy of the data changed behind our back, and a stray file appeared there; node1 is intact
+    inputs = roots / "node2" / "inputs" / "resync"
+    planted = inputs / "data" / "tiny_alpaca.jsonl"
+    planted.write_text(planted.read_text() + '{"instruction": "planted", "input": "", "output": "x"}\n')
+    (inputs / "stray.txt").write_text("not an input")
+    run = run_playbook("train.yml", two_nodes, verb="train",
+                       extravars={"train_config": str(cfg), "train_follow": False})
+    try:
+        assert run.ok, run.failure_messages()
+        synced = next(iter(run.results["sync"].values()))["nodes"]
+        assert list(synced) == ["node2"], synced  # node1 already held the manifest's files: no rsync at all
+        itemized = "\n".join(synced["node2"][0]["itemized"])
+        assert "data/tiny_alpaca.jsonl" in itemized and "stray.txt" in itemized
+        assert planted.read_bytes() == (job / "data" / "tiny_alpaca.jsonl").read_bytes()
+        assert not (inputs / "stray.txt").exists()
+    finally:
+        planned = next(iter((run.results.get("train_plan") or {}).values()), {}).get("plan") or {}
+        if planned.get("run_id"):
+            stop(two_nodes, planned["run_id"])

@@ -90,7 +90,11 @@ class ActionModule(ActionBase):
                     {"rc": rc, "changed": bool(lines), "itemized": lines[:200], "seconds": secs})
                 if rc != 0:
                     failed.append("%s: rsync exited %d: %s" % (host, rc, (err or out).strip()[-600:]))
-            if failed:
+            if failed and args.get("partial_ok"):
+                # e.g. collecting logs: what the reachable nodes hold is still worth having
+                result.setdefault("warnings", []).extend(failed)
+                result["failed_nodes"] = sorted(set(result.get("failed_nodes", [])) | {f.split(":", 1)[0] for f in failed})
+            elif failed:
                 raise AnsibleActionFail("%s failed on %d node(s), nothing was started:\n%s"
                                         % (args.get("what", "the transfer"), len(failed), "\n".join(failed)),
                                         result=result)

@@ -34,7 +34,14 @@ def checkpoint_transfers(plan, master, checkpoint, stage, hosts):
             [{"host": h, "src": stage, "dest": path(h), "delete": False} for h in hosts if h != master]]
 
 
+def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
+    """One phase: every host's run directory pulled into the controller's copy of the run (never deleting)."""
+    return [[{"host": h, "src": "%s/runs/%s" % (hostvars[h]["llamafleet_root"], run_id),
+              "dest": "%s/runs/%s/nodes/%s" % (state_dir, run_id, h), "pull": True, "delete": False,
+              "excludes": list(excludes)} for h in hosts]]
+
+
 class FilterModule:
     def filters(self):
         return {"failed_starts": failed_starts, "inputs_transfers": inputs_transfers,
-                "checkpoint_transfers": checkpoint_transfers}
+                "checkpoint_transfers": checkpoint_transfers, "collect_transfers": collect_transfers}

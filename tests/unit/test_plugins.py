@@ -58,6 +58,11 @@ def test_sync_uses_ansibles_control_path_for_ssh_nodes_only(tmp_path):
     args = ssh_persistence_args(hv)
     assert args == ["-o", "ControlMaster=auto", "-o", "ControlPersist=60s", "-o", f"ControlPath={tmp_path}/cp/%C"]
     assert ssh_persistence_args({**hv, "ansible_connection": "local"}) == []
+    # Ansible's default control path: a 10-character hash of address, port and user, as its ssh plugin makes it
+    import hashlib
+    default = {k: v for k, v in hv.items() if k != "ansible_control_path"}
+    digest = hashlib.sha1(b"10.0.0.5-None-root").hexdigest()[:10]
+    assert ssh_persistence_args({**default, "ansible_user": "root"})[-1] == f"ControlPath={tmp_path}/cp/{digest}"
     # without ControlPersist there is no connection to share
     assert ssh_persistence_args({**hv, "ansible_ssh_args": "-o ServerAliveInterval=5"}) == ["-o", "ServerAliveInterval=5"]
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
+from ansible.plugins.connection.ssh import Connection as SSHConnection
 from ansible.plugins.loader import connection_loader
 from ansible.utils.path import unfrackpath
 
@@ -28,7 +29,9 @@ MAX_PARALLEL = 32
 
 
 def ssh_persistence_args(hostvars):
-    """Ansible's own ssh_args for this node plus its ControlPath, so rsync shares Ansible's connection."""
+    """Ansible's own ssh_args for this node plus the ControlPath Ansible uses for it, so rsync travels over the
+    connection Ansible keeps open to the node (or opens one Ansible then reuses). Were the path to differ
+    from Ansible's, rsync would only open a connection of its own."""
     if hostvars.get("ansible_connection", "ssh") not in ("ssh", "ansible.builtin.ssh", "smart"):
         return []
     connection_loader.get("ssh", class_only=True)  # loads the plugin's option definitions
@@ -37,10 +40,15 @@ def ssh_persistence_args(hostvars):
         return C.config.get_config_value(name, plugin_type="connection", plugin_name="ssh", variables=hostvars)
 
     args = shlex.split(opt("ssh_args") or "")
-    control_path = opt("control_path")
-    if "ControlPersist" in " ".join(args) and control_path and "ControlPath" not in " ".join(args):
+    if "ControlPersist" in " ".join(args) and "ControlPath" not in " ".join(args):
         directory = unfrackpath(opt("control_path_dir"))
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        control_path = opt("control_path")
+        if not control_path:
+            # Ansible's own default: a short hash of the address, port and user it connects with (a path
+            # that fits a Unix socket's limit even under a deep control_path_dir)
+            host = hostvars.get("ansible_host") or hostvars.get("ansible_ssh_host") or hostvars["inventory_hostname"]
+            control_path = SSHConnection._create_control_path(host, opt("port"), opt("remote_user"))
         args += ["-o", "ControlPath=" + control_path % {"directory": directory}]
     return args
 

@@ -1,5 +1,8 @@
 # -*- coding: utf-8 -*-
-"""Controller: compare every node with every other and with the lock; save the report; fail with the table."""
+"""Controller: compare every node with every other and with the lock; save the report; fail with the table.
+
+With ``max_clock_skew_s`` (a launch, whose node check carries the inspection) the nodes' preflight
+facts (clocks, drivers) are judged in the same task, so that a launch judges all nodes once."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
 
-from llamafleet import parity
+from llamafleet import parity, preflight
 from llamafleet.lock import resolve_dict
 
 
@@ -30,11 +33,18 @@ class ActionModule(ActionBase):
             if "stack" in item:
                 found[item["item"]] = item
         inspections = {h: found[h] for h in order if h in found}
+        problems = []
+        if args.get("max_clock_skew_s") is not None:
+            problems = preflight.check(stack, inspections, min_disk_gb=0.0, installing=set(),
+                                       max_clock_skew_s=float(args["max_clock_skew_s"]))
         report = parity.compare(stack, inspections, gpus=args.get("gpus") or {})
         path = parity.save_report(report, inspections, args["state_dir"])
         result.update(changed=False, report=report.to_dict(), report_path=str(path))
+        failures = ["preflight failed:\n" + "\n".join(f"- {p}" for p in problems)] if problems else []
         if not report.ok:
-            result.update(failed=True, msg=report.format() + f"\nreport: {path}")
+            failures.append(report.format() + f"\nreport: {path}")
+        if failures:
+            result.update(failed=True, problems=problems, msg="\n".join(failures) + args.get("failure_note", ""))
         else:
             result["msg"] = report.format().splitlines()[0] + f" (report: {path})"
         return result

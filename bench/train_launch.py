@@ -436,7 +436,8 @@ class Bench:
     def setup_job(self) -> None:
         shutil.copytree(TINY, self.job, ignore=shutil.ignore_patterns("model", "saves", "__pycache__"))
         base = yaml.safe_load((TINY / "sft_lora.yaml").read_text())
-        base["max_steps"] = self.args.max_steps
+        # the job is laid out on its own: its paths are relative to it (train(..., workdir=self.job))
+        base.update(model_name_or_path="model", dataset_dir="data", max_steps=self.args.max_steps)
         self.launch_yaml = self.job / "lfbench_launch.yaml"
         self.launch_yaml.write_text(yaml.safe_dump(base, sort_keys=False))
         t = time.monotonic()
@@ -510,7 +511,7 @@ class Bench:
         a = self.cpu_snapshot()
         t0 = time.monotonic()
         try:
-            res = train(self.inv, self.launch_yaml, replace=True, on_event=on_event)
+            res = train(self.inv, self.launch_yaml, workdir=self.job, replace=True, on_event=on_event)
         finally:
             t_ret = time.monotonic()
             b = self.cpu_snapshot()
@@ -662,7 +663,7 @@ class Bench:
     def resync(self) -> dict:
         from llamafleet import train
         out: dict = {"dataset": self.write_dataset()}
-        dry = train(self.inv, self.resync_yaml, dry_run=True)
+        dry = train(self.inv, self.resync_yaml, workdir=self.job, dry_run=True)
         if not dry.ok:
             raise BenchError("train(dry_run=True) of the re-sync job failed:\n" + dry.format())
         plan = dry.plan
@@ -696,7 +697,7 @@ class Bench:
         for rnd in range(1, self.args.rounds + 1):
             # as every train() does, plan again first: make_plan rebuilds the stage (hard links, same files and
             # mtimes, new directories); not measured
-            again = train(self.inv, self.resync_yaml, dry_run=True)
+            again = train(self.inv, self.resync_yaml, workdir=self.job, dry_run=True)
             if not again.ok or again.plan["stage_dir"] != stage:
                 raise BenchError("train(dry_run=True) of the re-sync job failed:\n" + again.format())
             order = (("llamafleet rsync argv", lf_argv), ("raw parallel rsync", raw_argv))
@@ -717,7 +718,7 @@ class Bench:
         self.keep_warm("ansible")
         events: list = []
         t0 = time.monotonic()
-        res = train(self.inv, self.resync_yaml, replace=True,
+        res = train(self.inv, self.resync_yaml, workdir=self.job, replace=True,
                     on_event=lambda ev: events.append((time.monotonic(), ev.host, ev.task, ev.status)))
         wall = time.monotonic() - t0
         if res.run_id:

@@ -164,7 +164,8 @@ def _print_train(console, result: training.TrainResult) -> None:
 def _train(args, console) -> int:
     kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
                   dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
-                  follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra))
+                  follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra),
+                  workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch)
     if args.json or not console.is_terminal:
         result = training.train(args.inventory, args.config, **kwargs,
                                 on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
@@ -234,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--follow", action="store_true", help="follow the run: progress, stop all ranks if one fails, collect outputs")
     t.add_argument("--shared-inputs", action="store_true", help="data is already on every node at the same paths (NFS): verify, do not copy")
     t.add_argument("--no-sync-model", action="store_true", help="do not copy a local model directory to the nodes")
+    t.add_argument("--workdir", help="directory the yaml's relative paths start from, as for llamafactory-cli "
+                   "(default: the current directory, e.g. the root of your LLaMA-Factory checkout)")
+    t.add_argument("--model-source", choices=["auto", "controller", "nodes", "hub"],
+                   help="where model_name_or_path is (default auto: a directory here, else an absolute path on the "
+                   "nodes, else a hub id)")
+    t.add_argument("--hub-fetch", choices=["nodes", "controller"],
+                   help="who fetches hub models and datasets: every node (default; HF_ENDPOINT mirrors honoured) or "
+                   "this machine once, then synced (default when the stack is offline)")
     t.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
     t.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
     t.add_argument("--json", action="store_true", help="print the result as JSON")

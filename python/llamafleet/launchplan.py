@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import launch, trainconfig
+from . import hub, launch, trainconfig
 from .errors import ConfigError
 from .inventory import Cluster
 from .lock import Stack
@@ -45,6 +45,8 @@ class NodeLaunch:
     env: dict[str, str]
     command: list[str]
     files: dict[str, str]  # run-directory file name -> content
+    hub_cache_dir: str  # this node's hub cache (hub repositories are fetched under it)
+    model_check: dict[str, Any] | None  # the model directory to verify and compare across nodes, if not synced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +64,14 @@ class LaunchPlan:
     nodes: dict[str, NodeLaunch]
     hostfile: str
     warnings: tuple[str, ...]
+    workdir: str = ""
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # source, path or repo_id@commit
+    inputs: tuple[dict[str, str], ...] = ()  # every input as the yaml names it, resolved, with its source
+    hub: tuple[dict[str, Any], ...] = ()  # hub repositories the nodes fetch (llamafleet.cluster.fetch items)
+    hub_endpoint: str = ""  # where the nodes fetch them from (HF_ENDPOINT)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LaunchPlan":
-        nodes = {k: NodeLaunch(**v) for k, v in d["nodes"].items()}
-        return cls(**{**d, "nodes": nodes, "warnings": tuple(d.get("warnings", ()))})
 
     def format(self, detail: bool = False) -> str:
         p = self.plan
@@ -83,8 +85,10 @@ class LaunchPlan:
             f"{p['steps_per_epoch'] if p['steps_per_epoch'] is not None else '?'}, total steps "
             f"{p['total_steps'] if p['total_steps'] is not None else '?'}",
             f"  inputs: {len(self.manifest)} files, " + ("verified in place (shared filesystem)" if self.shared_inputs
-                                                        else "synced to <root>/inputs/" + self.job),
+                                                        else "synced to <root>/inputs/" + self.job)
+            + f"; relative paths from {self.workdir}",
         ]
+        lines += [f"    {i['key']}: {i['value']} -> {i['resolved']} ({i['source']})" for i in self.inputs]
         for n in sorted(self.nodes.values(), key=lambda n: n.node_rank):
             lines.append(f"  node rank {n.node_rank}: {n.name}" + (" (master)" if n.master else ""))
             if detail:
@@ -120,30 +124,33 @@ def _hash_file(path: Path, cache: dict[str, Any]) -> str:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """``dst`` becomes ``src`` (file or directory) made of hard links: no copy, same mtimes."""
+    """``dst`` becomes ``src`` (file or directory) made of hard links: no copy, same mtimes. Symlinks are
+    followed (a hub cache snapshot is links to its blobs): the node gets the files themselves."""
     if src.is_dir():
         for item in src.rglob("*"):
             if item.is_file():
                 _link_tree(item, dst / item.relative_to(src))
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
+    real = src.resolve()
     try:
-        os.link(src, dst)
+        os.link(real, dst)
     except OSError:  # another filesystem
-        shutil.copy2(src, dst)
+        shutil.copy2(real, dst)
 
 
-def _stage(cfg: trainconfig.TrainingConfig, stage: Path, sync_model: bool) -> None:
+def _stage(cfg: trainconfig.TrainingConfig, stage: Path, sync_model: bool, extra: list[tuple[str, str]],
+           hub_paths: dict[str, str]) -> None:
     fresh = stage.with_name(stage.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
-    for src, rel in trainconfig.node_files(cfg):
+    for src, rel in trainconfig.node_files(cfg) + extra:
         if rel == trainconfig.NODE_MODEL_DIR and not sync_model:
             continue
         _link_tree(Path(src), fresh / rel)
     info = fresh / trainconfig.NODE_DATA_DIR / trainconfig.DATASET_INFO
     info.parent.mkdir(parents=True, exist_ok=True)
-    info.write_text(json.dumps(trainconfig.node_dataset_info(cfg), indent=2, sort_keys=True) + "\n")
+    info.write_text(json.dumps(trainconfig.node_dataset_info(cfg, hub_paths), indent=2, sort_keys=True) + "\n")
     # Its mtime follows the user's dataset_info.json, so an unchanged one is not transferred again.
     src_mtime = os.stat(cfg.dataset_info_path).st_mtime_ns if cfg.dataset_info_path else 0
     os.utime(info, ns=(src_mtime, src_mtime))
@@ -151,38 +158,133 @@ def _stage(cfg: trainconfig.TrainingConfig, stage: Path, sync_model: bool) -> No
     fresh.rename(stage)
 
 
-def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, state_dir: str | os.PathLike,
-              launcher: str = "torchrun", master_port: int = 29500, run_id: str | None = None,
-              job: str | None = None, shared_inputs: bool = False, sync_model: bool = True,
-              cpus: int | None = None, extra_env: dict[str, str] | None = None) -> LaunchPlan:
-    if launcher not in launch.LAUNCHERS:
-        raise ConfigError(f"train_launcher is {launcher!r}; use one of: {', '.join(launch.LAUNCHERS)}")
-    config = os.path.abspath(config)
-    cfg = trainconfig.load_training(config)
-    cpu_only = stack.cuda is None
-    plan = trainconfig.plan(cfg, cluster, cpu_only)
-    job = job_name(config, job)
-    run_id = run_id or new_run_id(job)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id):
-        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
-    state = Path(state_dir)
+HUB_FETCH = ("nodes", "controller")
+NODE_HUB_DATA_DIR = "hubdata"
+
+
+@dataclasses.dataclass
+class _Hub:
+    """The run's hub repositories, pinned: the model (if from a hub) and every hub dataset."""
+
+    fetch: str  # nodes | controller
+    endpoint: str
+    token: str | None
+    model: hub.HubRevision | None = None
+    datasets: dict[str, hub.HubRevision] = dataclasses.field(default_factory=dict)
+    local: dict[str, Path] = dataclasses.field(default_factory=dict)  # item name -> controller copy (fetch=controller)
+
+    def items(self) -> list[dict[str, Any]]:
+        """The repositories the nodes fetch themselves, as llamafleet.cluster.fetch takes them."""
+        if self.fetch != "nodes":
+            return []
+        revs = ([("model", self.model)] if self.model else []) + [(f"dataset {n}", r) for n, r in self.datasets.items()]
+        return [dict(r.to_dict(), name=name, cache_subdir=r.cache_subdir, model=name == "model") for name, r in revs]
+
+
+def _pin_hub(cfg: trainconfig.TrainingConfig, fetch: str, env: dict[str, str], download_to: Path | None) -> _Hub:
+    """Pin the model and hub datasets to commits (one call to the hub each); with ``fetch`` controller and a
+    ``download_to`` directory, fetch them there too (they are then staged and synced like local inputs)."""
+    if fetch not in HUB_FETCH:
+        raise ConfigError(f"train_hub_fetch is {fetch!r}; use nodes (each node fetches from the hub or a mirror) "
+                          "or controller (fetched once here, then synced: nodes without hub access)")
+    endpoint, token = hub.endpoint_and_token(env)
+    pinned = _Hub(fetch=fetch, endpoint=endpoint, token=token)
+    if cfg.model.source == "hub":
+        pinned.model = hub.resolve(cfg.model.hub or "huggingface", "model", cfg.model.repo_id or "",
+                                   cfg.model.revision or "main", endpoint=endpoint, token=token,
+                                   what=f"{cfg.path}: model_name_or_path")
+    for ref in cfg.datasets:
+        if ref.hub:
+            pinned.datasets[ref.name] = hub.resolve(ref.hub, "dataset", ref.repo_id or "", "main", endpoint=endpoint,
+                                                    token=token, what=f"{cfg.dataset_info_path}: dataset {ref.name!r}")
+    if fetch == "controller" and download_to is not None:
+        for name, rev in [("model", pinned.model)] + [(f"dataset {n}", r) for n, r in pinned.datasets.items()]:
+            if rev is not None:
+                pinned.local[name] = hub.download(rev, download_to, endpoint=endpoint, token=token)
+    return pinned
+
+
+def _inputs(cfg: trainconfig.TrainingConfig, pinned: _Hub, shared: bool) -> list[dict[str, str]]:
+    """Every input the yaml names, resolved against the working directory, with where it comes from."""
+    synced = "controller, verified in place on every node" if shared else "controller, synced"
+    m = cfg.model
+    if m.source == "hub" and pinned.model:
+        how = "fetched by every node" if pinned.fetch == "nodes" else "fetched once on the controller, synced"
+        model = (f"{pinned.model.label} on {pinned.model.hub}" + (f" at {pinned.endpoint}" if m.hub == "huggingface"
+                                                                   else ""), f"hub, {how}")
+    elif m.source == "nodes":
+        model = (m.path or "", "nodes: already there, verified and compared on every node, not copied")
+    else:
+        model = (m.path or "", synced)
+    rows = [{"key": "model_name_or_path", "value": m.value, "resolved": model[0], "source": model[1]},
+            {"key": "dataset_dir", "value": str(cfg.data.get("dataset_dir", "data")), "resolved": cfg.dataset_dir,
+             "source": synced}]
+    for ref in cfg.datasets:
+        if ref.hub:
+            rev = pinned.datasets[ref.name]
+            rows.append({"key": f"dataset {ref.name}", "value": ref.repo_id or "", "resolved": rev.label,
+                         "source": f"hub ({ref.hub}), " + ("fetched by every node" if pinned.fetch == "nodes"
+                                                          else "fetched once on the controller, synced")})
+        else:
+            rows.append({"key": f"dataset {ref.name}", "value": str(ref.entry.get("file_name")),
+                         "resolved": ref.path or "", "source": synced})
+    if cfg.deepspeed_path:
+        rows.append({"key": "deepspeed", "value": str(cfg.data["deepspeed"]), "resolved": cfg.deepspeed_path,
+                     "source": synced})
+    for ref in cfg.adapters + ((cfg.tokenized,) if cfg.tokenized else ()):
+        source = {"controller": synced, "nodes": "nodes: used where it is",
+                  "run": "written by rank 0 into the run directory"}[ref.source]
+        rows.append({"key": ref.key, "value": ref.value, "resolved": ref.path, "source": source})
+    rows.append({"key": "output_dir", "value": str(cfg.data.get("output_dir")), "resolved": "<root>/runs/<run_id>/output",
+                 "source": "written on the nodes, collected to the controller"})
+    return rows
+
+
+def _node_model(cfg: trainconfig.TrainingConfig, pinned: _Hub, cache_dir: str, inputs_dir: str,
+                model_synced: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """(model_name_or_path on the node, what the node's check fingerprints) for the model's source."""
+    if cfg.model.source == "hub" and pinned.model is not None:
+        if pinned.fetch == "controller":
+            return os.path.join(inputs_dir, trainconfig.NODE_MODEL_DIR), None
+        path = os.path.join(cache_dir, pinned.model.cache_subdir)
+        return path, {"path": path, "files": pinned.model.files}
+    if cfg.model.source == "nodes" or (cfg.model.source == "controller" and not model_synced):
+        return cfg.model.path, {"path": cfg.model.path, "files": {}}
+    return None, None
+
+
+def _manifest(cfg: trainconfig.TrainingConfig, state: Path, job: str, shared_inputs: bool, model_synced: bool,
+              pinned: _Hub) -> tuple[dict[str, str], str | None, dict[str, str]]:
+    """(manifest, stage directory, hub dataset name -> its path relative to a node's run directory).
+
+    Synced inputs are staged under <state>/stage/<job> by hard links and checksummed there; shared ones
+    are checksummed where they are. The sha256 of a file is cached by path, size, mtime and inode."""
     cache_file = state / "cache" / "sha256.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
     manifest: dict[str, str] = {}
-    warnings = list(cfg.warnings)
-    model_synced = bool(cfg.model_dir) and sync_model
+    # From a node's run directory (<root>/runs/<id>), where training starts: the same on every node.
+    to_root = os.path.join(os.pardir, os.pardir)
+    hub_paths = {}
+    for name, rev in pinned.datasets.items():
+        hub_paths[name] = os.path.join(to_root, "inputs", job, NODE_HUB_DATA_DIR, name) if pinned.fetch == "controller" \
+            else os.path.join(to_root, HUB_CACHE, rev.cache_subdir)
     if shared_inputs:
+        if pinned.datasets or pinned.model:
+            raise ConfigError(f"{cfg.path}: hub models and datasets cannot be used with shared inputs; give their "
+                              "directories on the shared filesystem instead, or leave shared inputs off")
         stage_dir = None
         for f in cfg.files:
             p = Path(f)
             for item in ([x for x in p.rglob("*") if x.is_file()] if p.is_dir() else [p]):
                 manifest[str(item).lstrip("/")] = _hash_file(item, cache)
     else:
+        extra = [(str(path), trainconfig.NODE_MODEL_DIR if name == "model" else
+                  os.path.join(NODE_HUB_DATA_DIR, name.split(" ", 1)[1])) for name, path in pinned.local.items()]
         stage = state / "stage" / job
-        _stage(cfg, stage, model_synced)
+        _stage(cfg, stage, model_synced, extra, hub_paths)
         stage_dir = str(stage)
         for item in sorted(stage.rglob("*")):
             if item.is_file():
@@ -190,38 +292,70 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # keep only entries of files that still exist: the cache never grows without bound
     cache_file.write_text(json.dumps({k: v for k, v in cache.items() if os.path.exists(k.rsplit(":", 3)[0])}))
+    return manifest, stage_dir, hub_paths
+
+
+# a node's hub cache, under its llamafleet root (HF_HOME is <root>/cache/huggingface)
+HUB_CACHE = "cache/huggingface/hub"
+
+
+def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, state_dir: str | os.PathLike,
+              workdir: str | os.PathLike | None = None, launcher: str = "torchrun", master_port: int = 29500,
+              run_id: str | None = None, job: str | None = None, shared_inputs: bool = False, sync_model: bool = True,
+              model_source: str = "auto", hub_fetch: str = "nodes", fetch_now: bool = True, cpus: int | None = None,
+              extra_env: dict[str, str] | None = None) -> LaunchPlan:
+    """Validate ``config`` (relative paths from ``workdir``, default this process's), pin its hub inputs,
+    stage and checksum its inputs, and render what every node gets. ``fetch_now`` False (a dry run)
+    pins hub repositories but fetches nothing, even with ``hub_fetch`` controller."""
+    if launcher not in launch.LAUNCHERS:
+        raise ConfigError(f"train_launcher is {launcher!r}; use one of: {', '.join(launch.LAUNCHERS)}")
+    config = os.path.abspath(config)
+    extra_env = dict(extra_env or {})
+    if not sync_model and model_source == "auto":
+        model_source = "nodes"
+    cfg = trainconfig.load_training(config, workdir=workdir, model_source=model_source, hub=hub.hub_of(extra_env))
+    cpu_only = stack.cuda is None
+    plan = trainconfig.plan(cfg, cluster, cpu_only)
+    job = job_name(config, job)
+    run_id = run_id or new_run_id(job)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id):
+        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
+    state = Path(state_dir)
+    pinned = _pin_hub(cfg, hub_fetch, extra_env, state / HUB_CACHE if fetch_now else None)
+    model_synced = bool(cfg.model_dir) and sync_model
+    manifest, stage_dir, hub_paths = _manifest(cfg, state, job, shared_inputs, model_synced, pinned)
     nodes: dict[str, NodeLaunch] = {}
     hostfile_text = launch.render_hostfile(cluster, cpu_only)
-    minor = stack.python
     for node in cluster.nodes:
         root = node.root.rstrip("/")
         inputs_dir = "/" if shared_inputs else f"{root}/inputs/{job}"
         run_dir = f"{root}/runs/{run_id}"
         venv = f"{root}/stacks/{stack.venv_name}"
-        if shared_inputs:
-            data = dict(cfg.data)
-            data["dataset_dir"] = cfg.dataset_dir
-            if cfg.deepspeed_path:
-                data["deepspeed"] = cfg.deepspeed_path
-            if cfg.model_dir:
-                data["model_name_or_path"] = cfg.model_dir
-            data["data_shared_file_system"] = True
-        else:
-            data = trainconfig.rewrite_for_node(cfg, inputs_dir)
-            if cfg.model_dir and not model_synced:
-                data["model_name_or_path"] = cfg.model_dir
-        data["output_dir"] = f"{run_dir}/output"
+        cache_dir = f"{root}/{HUB_CACHE}"
+        model_path, model_check = _node_model(cfg, pinned, cache_dir, inputs_dir, model_synced)
+        data = trainconfig.rewrite_for_node(cfg, inputs_dir, run_dir=run_dir, model_path=model_path,
+                                            shared_inputs=shared_inputs)
         env = launch.node_env(cluster, node, master_port=master_port, cpu_only=cpu_only, venv=venv,
                               hf_home=f"{root}/cache/huggingface", mplconfigdir=f"{root}/cache/matplotlib", cpus=cpus,
                               extra={"TORCH_EXTENSIONS_DIR": f"{root}/cache/torch_extensions",
-                                     "LLAMAFLEET_RUN_ID": run_id, **(extra_env or {})})
+                                     "LLAMAFLEET_RUN_ID": run_id, **extra_env})
         command = launch.node_command(launcher, node, cluster, f"{run_dir}/train.yaml", venv, master_port=master_port,
                                       cpu_only=cpu_only, hostfile=f"{run_dir}/hostfile",
-                                      site_packages=f"{venv}/lib/python{minor}/site-packages")
+                                      site_packages=f"{venv}/lib/python{stack.python}/site-packages")
         files = {"train.yaml": "# Generated by llamafleet from " + config + "\n" + yaml.safe_dump(data, sort_keys=False),
                  "node.env": launch.render_env_file(env), "hostfile": hostfile_text}
         nodes[node.name] = NodeLaunch(name=node.name, node_rank=node.node_rank, master=node.master,
-                                      inputs_dir=inputs_dir, run_dir=run_dir, env=env, command=command, files=files)
+                                      inputs_dir=inputs_dir, run_dir=run_dir, env=env, command=command, files=files,
+                                      hub_cache_dir=cache_dir, model_check=model_check)
+    model = {"source": cfg.model.source, "value": cfg.model.value, "path": cfg.model.path,
+             "label": pinned.model.label if pinned.model else cfg.model.path or cfg.model.value,
+             **({"hub": pinned.model.to_dict(), "fetch": pinned.fetch} if pinned.model else {})}
+    warnings = list(cfg.warnings) + [f"{r.repo_id}: the sizes of its files at {r.commit} could not be listed "
+                                     "(the controller cannot reach the hub); the nodes' copies are only compared "
+                                     "with each other" for r in [pinned.model, *pinned.datasets.values()]
+                                     if r is not None and r.hub == "huggingface" and not r.files]
     return LaunchPlan(run_id=run_id, job=job, launcher=launcher, config=config, master_addr=cluster.master.train_addr,
                       master_port=master_port, shared_inputs=shared_inputs, stage_dir=stage_dir, manifest=manifest,
-                      plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings))
+                      plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings),
+                      workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs)),
+                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint)

@@ -5,10 +5,16 @@
 references, so mistakes surface on the controller, all at once, instead of as a traceback on one
 node after minutes of setup.
 
-Paths: LLaMA-Factory resolves ``dataset_dir``, ``deepspeed`` and a local ``model_name_or_path``
-against the working directory of the training process. llamafleet resolves them against the
-directory that holds the yaml (run LLaMA-Factory from that directory to get the same files), and
-``rewrite_for_node`` turns them into absolute paths under the node's job directory.
+Paths: LLaMA-Factory, transformers and DeepSpeed resolve relative paths (``model_name_or_path``,
+``dataset_dir``, ``deepspeed``, ``adapter_name_or_path``, ``tokenized_path``, ``output_dir``) against
+the working directory of ``llamafactory-cli``, so llamafleet resolves them against ``workdir``: the
+directory the command runs from, as with ``llamafactory-cli train examples/x.yaml`` in a
+LLaMA-Factory checkout. ``rewrite_for_node`` then turns them into absolute paths on the node.
+
+The model has one of three sources (``ModelRef``): a directory on the controller (synced), a path
+that already exists on the nodes (their disks or a shared mount; verified there, never copied), or
+a hub id (Hugging Face, or ModelScope with ``USE_MODELSCOPE_HUB=1``), pinned to a commit and fetched
+before any rank starts (``launchplan``, ``hub``).
 
 The yaml is parsed like LLaMA-Factory parses it (OmegaConf): ``1e-4`` is a float (plain YAML 1.1
 reads it as a string), timestamps stay strings and duplicate keys are an error.
@@ -37,6 +43,8 @@ FORMATS = ("alpaca", "sharegpt", "openai")
 FILE_TYPES = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
 # dataset_info.json keys that make LLaMA-Factory download instead of reading dataset_dir.
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# Of those, the hub datasets llamafleet fetches before the run (and the hub each belongs to).
+HUB_KEYS = {"hf_hub_url": "huggingface", "ms_hub_url": "modelscope"}
 # Stages whose datasets must be pairwise (`ranking: true`): dpo loads its data as stage "rm".
 RANKING_STAGES = ("rm", "dpo")
 DATASET_INFO = "dataset_info.json"
@@ -104,9 +112,45 @@ class DatasetRef:
     name: str
     split: str  # "train" or "eval": which yaml key named it
     entry: dict[str, Any]  # its dataset_info.json entry
-    path: str | None  # absolute ``file_name`` (a file or a directory); None for a remote dataset
+    path: str | None  # absolute ``file_name`` (a file or a directory); None for a hub dataset
     files: tuple[str, ...]  # the data files LLaMA-Factory reads
     samples: int | None  # records after num_samples and max_samples; None when not countable here
+    hub: str | None = None  # huggingface | modelscope: a hub dataset, fetched before the run
+    repo_id: str | None = None
+
+
+MODEL_SOURCES = ("auto", "controller", "nodes", "hub")
+HUBS = ("huggingface", "modelscope")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """Where ``model_name_or_path`` comes from.
+
+    ``controller``: ``path`` is a directory on the controller, synced to every node.
+    ``nodes``: ``path`` already exists on every node (its disk or a shared mount): verified on each
+    node and compared across nodes before any rank starts, never copied.
+    ``hub``: ``repo_id`` at ``revision`` (``model_revision``) on ``hub``, pinned to a commit and
+    fetched before any rank starts; training reads the fetched copy with the hub offline.
+    """
+
+    value: str  # as the yaml says it
+    source: str  # controller | nodes | hub
+    path: str | None = None
+    hub: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PathInput:
+    """A yaml path key other than the model: ``value`` as written, ``path`` resolved, and its source:
+    ``controller`` (synced), ``nodes`` (used as it is on the nodes) or ``run`` (written by the run)."""
+
+    key: str
+    value: str
+    path: str
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +164,16 @@ class TrainingConfig:
     datasets: tuple[DatasetRef, ...]
     deepspeed_path: str | None
     zero_stage: int | None
-    model_dir: str | None  # None when model_name_or_path is a hub id (warned about)
+    model: ModelRef
     warnings: tuple[str, ...]
+    workdir: str = ""  # relative paths of the yaml are relative to it
+    adapters: tuple[PathInput, ...] = ()  # adapter_name_or_path, in order
+    tokenized: PathInput | None = None  # tokenized_path
+
+    @property
+    def model_dir(self) -> str | None:
+        """The model's directory on the controller (source ``controller``), else None."""
+        return self.model.path if self.model.source == "controller" else None
 
     @property
     def train_samples(self) -> int | None:
@@ -141,6 +193,9 @@ class TrainingConfig:
         paths = [self.dataset_info_path] if self.dataset_info_path else []
         paths += [f for d in self.datasets for f in d.files]
         paths += [p for p in (self.deepspeed_path, self.model_dir) if p]
+        paths += [a.path for a in self.adapters if a.source == "controller"]
+        if self.tokenized and self.tokenized.source == "controller":
+            paths.append(self.tokenized.path)
         return tuple(dict.fromkeys(paths))
 
 
@@ -163,32 +218,24 @@ class TrainPlan:
         return dataclasses.asdict(self)
 
 
-def installed_templates() -> frozenset[str] | None:
-    """Chat template names of the LLaMA-Factory importable here, or None when it is not installed.
-
-    Importing it pulls in torch and transformers (seconds), so callers ask once and pass the
-    result to ``load_training``.
-    """
-    try:
-        from llamafactory.data.template import TEMPLATES
-    except ImportError:
-        return None
-    return frozenset(TEMPLATES)
-
-
 def load_training(
     yaml_path: str | os.PathLike[str],
     *,
+    workdir: str | os.PathLike[str] | None = None,
     templates: Collection[str] | None = None,
-    allow_remote: bool = False,
+    model_source: str = "auto",
+    hub: str = "huggingface",
 ) -> TrainingConfig:
     """Read and check a LLaMA-Factory training yaml; raise ``ConfigError`` listing every problem.
 
-    ``templates``: the valid ``template`` names (see ``installed_templates``); None accepts any.
-    ``allow_remote``: accept datasets that download from a hub or cloud store (a warning then);
-    by default they are problems, since the nodes train offline.
+    ``workdir``: the directory relative paths are resolved against, as ``llamafactory-cli`` resolves
+    them against its working directory (default: this process's).
+    ``templates``: the valid ``template`` names; None accepts any.
+    ``model_source``: one of MODEL_SOURCES (``auto``: a directory on the controller, else an absolute
+    path on the nodes, else a hub id). ``hub``: the hub of hub ids and hub datasets (HUBS).
     """
     path = os.path.abspath(yaml_path)
+    base = os.path.abspath(workdir or os.getcwd())
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
@@ -201,12 +248,16 @@ def load_training(
             f"{path}: the training yaml must be a mapping of LLaMA-Factory arguments (key: value lines), "
             f"not {type(data).__name__}"
         )
-    report = _Report(path)
+    if model_source not in MODEL_SOURCES:
+        raise ConfigError(f"train_model_source is {model_source!r}; use one of {', '.join(MODEL_SOURCES)}")
+    report = _Report(path, base)
     _check_method(data, templates, report)
     _check_numbers(data, report)
-    model_dir = _check_model(data, report)
+    model = _check_model(data, model_source, hub, report)
     deepspeed_path, zero_stage = _check_deepspeed(data, report)
-    dataset_dir, info_path, datasets = _check_datasets(data, allow_remote, report)
+    dataset_dir, info_path, datasets = _check_datasets(data, hub, report)
+    adapters = _check_adapters(data, report)
+    tokenized = _path_input(data, "tokenized_path", report)
     if report.problems:
         raise ConfigError(report.problems)
     return TrainingConfig(
@@ -217,8 +268,11 @@ def load_training(
         datasets=datasets,
         deepspeed_path=deepspeed_path,
         zero_stage=zero_stage,
-        model_dir=model_dir,
+        model=model,
         warnings=tuple(report.warnings),
+        workdir=base,
+        adapters=adapters,
+        tokenized=tokenized,
     )
 
 
@@ -227,13 +281,9 @@ class _Report:
     """Problems and warnings found so far, each prefixed with where it is: the yaml, or ``where``."""
 
     path: str
+    base: str  # the working directory: relative paths in the yaml are resolved against it
     problems: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def base(self) -> str:
-        """The yaml's directory: relative paths in it are resolved against it."""
-        return os.path.dirname(self.path)
 
     def problem(self, key: str, text: str, where: str | None = None) -> None:
         self.problems.append(f"{where or self.path}: {key}: {text}")
@@ -311,23 +361,77 @@ def _resolve(base: str, value: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
-def _check_model(data: dict[str, Any], report: _Report) -> str | None:
-    name = data.get("model_name_or_path")
+def _check_model(data: dict[str, Any], source: str, hub: str, report: _Report) -> ModelRef:
     key = "model_name_or_path"
+    name = data.get(key)
     if not isinstance(name, str) or not name.strip():
         report.problem(key, "is not set; set it to a model directory (with config.json) or a hub id")
-        return None
+        return ModelRef(value=str(name), source="controller")
     local = _resolve(report.base, name)
-    if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
+    hub_id = not name.startswith((".", "/", "~")) and bool(_HUB_ID.match(name))
+    if source == "auto":
+        source = "controller" if os.path.isdir(local) else "nodes" if os.path.isabs(name) else "hub" if hub_id else ""
+    if source == "controller":
+        if not os.path.isdir(local):
+            report.problem(key, f"directory {local} does not exist on the controller (relative paths are relative to "
+                           f"the working directory {report.base}); build or copy the model there, fix the path, or "
+                           "give the path the nodes see with train_model_source: nodes")
+        elif not os.path.isfile(os.path.join(local, "config.json")):
             report.problem(key, f"directory {local} has no config.json; point it at a saved model directory")
-        return local
-    if not name.startswith((".", "/", "~")) and _HUB_ID.match(name):
-        report.warn(key, f"{name!r} is not a directory next to the yaml, so it is taken as a hub id; the nodes "
-                    "train offline, so it must already be in the nodes' HF_HOME cache")
+        return ModelRef(value=name, source="controller", path=local)
+    if source == "nodes":
+        if not os.path.isabs(os.path.expanduser(name)) and not os.path.isdir(local):
+            report.problem(key, f"{name!r} is a relative path and the model is to be found on the nodes; give the "
+                           "absolute path every node sees (its disk or a shared mount)")
+        return ModelRef(value=name, source="nodes", path=local)
+    if source == "hub":
+        if not hub_id:
+            report.problem(key, f"{name!r} is not a hub id (organization/name); fix it or choose another model source")
+        revision = data.get("model_revision", "main")
+        if not isinstance(revision, str) or not revision.strip():
+            report.problem("model_revision", f"is {revision!r}; set a branch, tag or commit of {name}")
+        return ModelRef(value=name, source="hub", hub=hub, repo_id=name, revision=str(revision))
+    report.problem(key, f"directory {local} does not exist (relative paths are relative to the working directory "
+                   f"{report.base}); build or copy the model there, fix the path, or give a hub id (organization/name)")
+    return ModelRef(value=name, source="controller", path=local)
+
+
+def _path_input(data: dict[str, Any], key: str, report: _Report, value: Any = None) -> PathInput | None:
+    """A path key read by the run: on the controller (synced), an absolute path on the nodes, or (for
+    ``tokenized_path``, written by rank 0 when missing) the run's own."""
+    value = data.get(key) if value is None else value
+    if value is None:
         return None
-    report.problem(key, f"directory {local} does not exist; build or copy the model there, or fix the path")
-    return None
+    if not isinstance(value, str) or not value.strip():
+        report.problem(key, f"is {value!r}; set it to a directory path")
+        return None
+    local = _resolve(report.base, value)
+    if os.path.exists(local):
+        return PathInput(key=key, value=value, path=local, source="controller")
+    if os.path.isabs(os.path.expanduser(value)):
+        return PathInput(key=key, value=value, path=local, source="nodes")
+    return PathInput(key=key, value=value, path=local, source="run")
+
+
+def _check_adapters(data: dict[str, Any], report: _Report) -> tuple[PathInput, ...]:
+    """``adapter_name_or_path``: comma-separated adapter directories, each synced from the controller or
+    found on the nodes (a hub adapter is not fetched: the nodes train offline)."""
+    value = data.get("adapter_name_or_path")
+    if value is None:
+        return ()
+    if not isinstance(value, str) or not value.strip():
+        report.problem("adapter_name_or_path", f"is {value!r}; give adapter directories, comma-separated")
+        return ()
+    adapters = []
+    for part in (p.strip() for p in value.split(",")):
+        ref = _path_input(data, "adapter_name_or_path", report, value=part)
+        if ref and ref.source == "run":
+            report.problem("adapter_name_or_path", f"{ref.path} does not exist (relative paths are relative to the "
+                           f"working directory {report.base}); download the adapter (hf download) and give its "
+                           "directory, or an absolute path the nodes see")
+        elif ref:
+            adapters.append(ref)
+    return tuple(adapters)
 
 
 def _check_deepspeed(data: dict[str, Any], report: _Report) -> tuple[str | None, int | None]:
@@ -342,7 +446,8 @@ def _check_deepspeed(data: dict[str, Any], report: _Report) -> tuple[str | None,
         with open(ds_path, encoding="utf-8") as f:
             config = json.load(f)
     except OSError as err:
-        report.problem("deepspeed", f"cannot read {ds_path} ({err.strerror}); fix the path (relative to the yaml)")
+        report.problem("deepspeed", f"cannot read {ds_path} ({err.strerror}); fix the path (relative paths are "
+                       f"relative to the working directory {report.base}, as llamafactory-cli reads them)")
         return None, None
     except json.JSONDecodeError as err:
         report.problem("deepspeed", f"{ds_path} is not valid JSON ({err}); fix the file")
@@ -376,11 +481,11 @@ class _DatasetContext:
     dataset_dir: str
     stage: str
     max_samples: Any
-    allow_remote: bool
+    hub: str
 
 
 def _check_datasets(
-    data: dict[str, Any], allow_remote: bool, report: _Report
+    data: dict[str, Any], hub: str, report: _Report
 ) -> tuple[str, str | None, tuple[DatasetRef, ...]]:
     dir_value = data.get("dataset_dir", "data")
     if not isinstance(dir_value, str) or dir_value == "ONLINE" or dir_value.startswith("REMOTE:"):
@@ -410,8 +515,8 @@ def _check_datasets(
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
     except OSError as err:
-        report.problem("dataset_dir", f"{info_path} cannot be read ({err.strerror}); dataset_dir (relative to the "
-                       "yaml's directory) must hold dataset_info.json")
+        report.problem("dataset_dir", f"{info_path} cannot be read ({err.strerror}); dataset_dir (default data, "
+                       f"relative to the working directory {report.base}) must hold dataset_info.json")
         return dataset_dir, None, ()
     except json.JSONDecodeError as err:
         report.problems.append(f"{info_path}: not valid JSON ({err}); fix the file")
@@ -430,7 +535,7 @@ def _check_datasets(
             continue
         ref = _check_entry(name, split, info[name], _DatasetContext(
             info_path=info_path, dataset_dir=dataset_dir, stage=data.get("stage", "sft"),
-            max_samples=data.get("max_samples"), allow_remote=allow_remote), report)
+            max_samples=data.get("max_samples"), hub=hub), report)
         if ref is not None:
             refs.append(ref)
     return dataset_dir, info_path, tuple(refs)
@@ -443,13 +548,7 @@ def _check_entry(name: str, split: str, entry: Any, ctx: _DatasetContext, report
         return None
     remote = [k for k in REMOTE_KEYS if k in entry]
     if remote:
-        text = ("needs a hub or cloud store, and the nodes train offline; download the data and define the "
-                "dataset with \"file_name\" instead")
-        if not ctx.allow_remote:
-            report.problem(remote[0], text, where)
-            return None
-        report.warn(remote[0], text, where)
-        return DatasetRef(name=name, split=split, entry=entry, path=None, files=(), samples=None)
+        return _hub_entry(name, split, entry, ctx, where, report)
     count = len(report.problems)
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
@@ -493,6 +592,28 @@ def _check_entry(name: str, split: str, entry: Any, ctx: _DatasetContext, report
         if isinstance(ctx.max_samples, int):  # LLaMA-Factory truncates each dataset to max_samples
             samples = min(samples, ctx.max_samples)
     return DatasetRef(name=name, split=split, entry=entry, path=local, files=tuple(files), samples=samples)
+
+
+def _hub_entry(name: str, split: str, entry: dict[str, Any], ctx: _DatasetContext, where: str,
+               report: _Report) -> DatasetRef | None:
+    """A dataset on a hub, chosen as LLaMA-Factory chooses (``ms_hub_url`` under ModelScope or when it is the
+    only url, else ``hf_hub_url``); fetched before the run like a hub model."""
+    key = "ms_hub_url" if "ms_hub_url" in entry and (ctx.hub == "modelscope" or "hf_hub_url" not in entry) \
+        else "hf_hub_url" if "hf_hub_url" in entry else None
+    if key is None:
+        other = next(k for k in REMOTE_KEYS if k in entry)
+        report.problem(other, "is not fetched by llamafleet (the nodes train offline); download the data and "
+                       "define the dataset with \"file_name\", or give its hf_hub_url", where)
+        return None
+    repo_id = entry[key]
+    if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
+        report.problem(key, f"is {repo_id!r}; give a dataset repository id (organization/name)", where)
+        return None
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        report.problem("formatting", f"{formatting!r} is not supported; use one of {', '.join(FORMATS)}", where)
+    return DatasetRef(name=name, split=split, entry=entry, path=None, files=(), samples=None,
+                      hub=HUB_KEYS[key], repo_id=repo_id)
 
 
 def _check_file(file: str, entry: dict[str, Any], formatting: str, where: str, report: _Report) -> int | None:
@@ -644,6 +765,14 @@ def _node_file_name(ref: DatasetRef, dataset_dir: str) -> str:
     return rel
 
 
+NODE_ADAPTERS_DIR = "adapters"
+NODE_TOKENIZED_DIR = "tokenized"
+
+
+def _adapter_rel(index: int, ref: PathInput) -> str:
+    return os.path.join(NODE_ADAPTERS_DIR, f"{index}-{os.path.basename(ref.path.rstrip('/')) or 'adapter'}")
+
+
 def node_files(cfg: TrainingConfig) -> list[tuple[str, str]]:
     """(absolute source path, path relative to the node's job directory) of every input to copy.
 
@@ -656,31 +785,59 @@ def node_files(cfg: TrainingConfig) -> list[tuple[str, str]]:
         pairs.append((cfg.deepspeed_path, os.path.join(NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path))))
     if cfg.model_dir:
         pairs.append((cfg.model_dir, NODE_MODEL_DIR))
+    pairs += [(a.path, _adapter_rel(i, a)) for i, a in enumerate(cfg.adapters) if a.source == "controller"]
+    if cfg.tokenized and cfg.tokenized.source == "controller":
+        pairs.append((cfg.tokenized.path, NODE_TOKENIZED_DIR))
     return list(dict.fromkeys(pairs))
 
 
-def node_dataset_info(cfg: TrainingConfig) -> dict[str, Any]:
-    """The node's dataset_info.json: only the referenced entries, file_name as laid out by node_files."""
+def node_dataset_info(cfg: TrainingConfig, hub_paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """The node's dataset_info.json: only the referenced entries, file_name as laid out by node_files, and
+    every hub dataset pointed at its fetched copy (``hub_paths``: dataset name -> directory), which
+    LLaMA-Factory then loads like a hub repository, offline."""
     info = {}
     for ref in cfg.datasets:
         entry = dict(ref.entry)
         if ref.path:
             entry["file_name"] = _node_file_name(ref, cfg.dataset_dir)
+        if ref.hub:
+            for key in REMOTE_KEYS:
+                entry.pop(key, None)
+            entry["hf_hub_url"] = (hub_paths or {})[ref.name]
         info[ref.name] = entry
     return info
 
 
-def rewrite_for_node(cfg: TrainingConfig, node_job_dir: str) -> dict[str, Any]:
+def rewrite_for_node(cfg: TrainingConfig, node_job_dir: str, *, run_dir: str, model_path: str | None = None,
+                     shared_inputs: bool = False) -> dict[str, Any]:
     """The training yaml for a node whose job directory is ``node_job_dir`` (absolute), as a dict.
 
-    Every path becomes absolute under the job directory, so the node may start training from any
-    working directory; all other keys are the user's.
+    Every path becomes absolute, so the node may start training from any working directory: inputs
+    from the controller under the job directory (or, with ``shared_inputs``, at their own paths),
+    the model at ``model_path`` (default: where its source puts it), ``output_dir`` and a missing
+    ``tokenized_path`` in the run directory. All other keys are the user's.
     """
     data = dict(cfg.data)
-    data["dataset_dir"] = os.path.join(node_job_dir, NODE_DATA_DIR)
-    data["output_dir"] = os.path.join(node_job_dir, NODE_OUTPUT_DIR)
+    synced = not shared_inputs
+
+    def place(rel: str, path: str) -> str:
+        return os.path.join(node_job_dir, rel) if synced else path
+
+    data["dataset_dir"] = place(NODE_DATA_DIR, cfg.dataset_dir)
+    data["output_dir"] = os.path.join(run_dir, NODE_OUTPUT_DIR)
     if cfg.deepspeed_path:
-        data["deepspeed"] = os.path.join(node_job_dir, NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path))
-    if cfg.model_dir:
-        data["model_name_or_path"] = os.path.join(node_job_dir, NODE_MODEL_DIR)
+        data["deepspeed"] = place(os.path.join(NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path)),
+                                  cfg.deepspeed_path)
+    if model_path is None:
+        model_path = place(NODE_MODEL_DIR, cfg.model.path) if cfg.model.source == "controller" else cfg.model.path
+    data["model_name_or_path"] = model_path
+    if cfg.adapters:
+        data["adapter_name_or_path"] = ",".join(
+            place(_adapter_rel(i, a), a.path) if a.source == "controller" else a.path for i, a in enumerate(cfg.adapters))
+    if cfg.tokenized:
+        t = cfg.tokenized
+        data["tokenized_path"] = place(NODE_TOKENIZED_DIR, t.path) if t.source == "controller" else \
+            t.path if t.source == "nodes" else os.path.join(run_dir, NODE_TOKENIZED_DIR)
+    if shared_inputs:
+        data["data_shared_file_system"] = True
     return data

@@ -223,17 +223,27 @@ def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float 
 def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: str = "torchrun",
           master_port: int | None = None, run_id: str | None = None, replace: bool = False, dry_run: bool = False,
           shared_inputs: bool = False, sync_model: bool = True, follow_run: bool = False,
+          workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
           start_timeout_s: float = 900, poll_s: float = 5, env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
     """Validate, plan, sync, check and start ``config`` on every node (``playbooks/train.yml``);
-    with ``follow_run``, then follow it to its end and collect its outputs."""
+    with ``follow_run``, then follow it to its end and collect its outputs.
+
+    Relative paths in the yaml are relative to ``workdir`` (default: this process's working directory),
+    as ``llamafactory-cli`` reads them. ``model_source`` (auto, controller, nodes, hub) and ``hub_fetch``
+    (nodes, controller) override the inventory's train_model_source and train_hub_fetch."""
     if not Path(config).is_file():
         raise ConfigError(f"training config {config} does not exist: pass the path of your LLaMA-Factory yaml")
+    workdir = Path(workdir or os.getcwd()).resolve()
+    if not workdir.is_dir():
+        raise ConfigError(f"working directory {workdir} does not exist: pass the directory your yaml's relative "
+                          "paths start from (--workdir)")
     ev = _extra(extravars, train_config=str(Path(config).resolve()), train_launcher=launcher,
                 train_master_port=master_port, train_run_id=run_id or "", train_replace=replace,
                 train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_sync_model=sync_model,
-                train_follow=False)
+                train_follow=False, train_workdir=str(workdir), train_model_source=model_source,
+                train_hub_fetch=hub_fetch)
     if env:
         ev["train_env"] = dict(env)
     run = run_playbook("train.yml", inventory, verb="train", extravars=ev, on_event=on_event)

@@ -39,14 +39,15 @@ def run_processes(run_id: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def job(default_stack, tmp_path_factory):
-    """The built-in tiny job, copied out of the repo, with its model built by a node's stack Python."""
+    """The built-in tiny job, copied out of the repo with its layout (its yaml's paths are relative to
+    ``job.parents[1]``, as to the repository's root), with its model built by a node's stack Python."""
     _, roots = default_stack
-    base = tmp_path_factory.mktemp("job")
-    shutil.copytree(PROJECT / "examples" / "tiny", base / "tiny", ignore=shutil.ignore_patterns("model", "saves"))
+    tiny = tmp_path_factory.mktemp("job") / "examples" / "tiny"
+    shutil.copytree(PROJECT / "examples" / "tiny", tiny, ignore=shutil.ignore_patterns("model", "saves"))
     python = roots / "node1" / "stacks" / STACK.venv_name / "bin" / "python"
-    subprocess.run([str(python), str(PROJECT / "python" / "llamafleet" / "tinymodel.py"), str(base / "tiny" / "model"),
-                    "--data", str(base / "tiny" / "data" / "tiny_alpaca.jsonl")], check=True, capture_output=True, timeout=600)
-    return base / "tiny"
+    subprocess.run([str(python), str(PROJECT / "python" / "llamafleet" / "tinymodel.py"), str(tiny / "model"),
+                    "--data", str(tiny / "data" / "tiny_alpaca.jsonl")], check=True, capture_output=True, timeout=600)
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def variant(job: Path, name: str, **changes) -> Path:
 
 
 def test_lora_sft_across_two_nodes_with_torchrun(two_nodes, job, default_stack):
-    result = train(two_nodes, job / "sft_lora.yaml", follow_run=True, poll_s=3)
+    result = train(two_nodes, job / "sft_lora.yaml", workdir=job.parents[1], follow_run=True, poll_s=3)
     assert result.ok, result.format()
     assert result.plan["plan"]["world_size"] == 2
     assert {n.state for n in result.status.nodes} == {"exited"}
@@ -85,8 +86,8 @@ def test_lora_sft_across_two_nodes_with_torchrun(two_nodes, job, default_stack):
 
 
 def test_deepspeed_launcher_with_zero2(two_nodes, job):
-    cfg = variant(job, "zero2", deepspeed="ds_zero2.json", max_steps=4, save_steps=2)
-    result = train(two_nodes, cfg, launcher="deepspeed", follow_run=True, poll_s=3)
+    cfg = variant(job, "zero2", deepspeed="examples/tiny/ds_zero2.json", max_steps=4, save_steps=2)
+    result = train(two_nodes, cfg, workdir=job.parents[1], launcher="deepspeed", follow_run=True, poll_s=3)
     assert result.ok, result.format()
     assert (Path(result.outputs["adapter"]) / "adapter_model.safetensors").is_file()
     cmd = result.plan["nodes"]["node2"]["command"]
@@ -108,7 +109,7 @@ def _wait_for_step(inv, run_id, timeout=600):
 
 def test_a_killed_worker_stops_every_rank_and_keeps_the_logs(two_nodes, job):
     cfg = variant(job, "long", max_steps=400, save_steps=1000)
-    started = train(two_nodes, cfg)
+    started = train(two_nodes, cfg, workdir=job.parents[1])
     assert started.ok and started.state == "started", started.format()
     run_id = started.run_id
     _wait_for_step(two_nodes, run_id)
@@ -130,10 +131,10 @@ def test_a_killed_worker_stops_every_rank_and_keeps_the_logs(two_nodes, job):
 
 def test_a_second_run_is_refused_while_one_runs(two_nodes, job):
     cfg = variant(job, "long2", max_steps=400, save_steps=1000)
-    first = train(two_nodes, cfg)
+    first = train(two_nodes, cfg, workdir=job.parents[1])
     assert first.ok, first.format()
     try:
-        second = train(two_nodes, job / "sft_lora.yaml")
+        second = train(two_nodes, job / "sft_lora.yaml", workdir=job.parents[1])
         assert not second.ok and second.state == "not-started"
         assert "still running" in "\n".join(second.errors)
         assert len({p for p in run_processes(first.run_id)}) > 0
@@ -150,7 +151,7 @@ def test_an_unreachable_node_at_launch_starts_nothing(testbed, default_stack, jo
                                                    "node2": {"llamafleet_root": str(roots / "node2"),
                                                              "ansible_host": testbed.nodes[0].ip.rsplit(".", 1)[0] + ".99"}},
                                   extra_group_vars={"stack_offline": True, "ansible_ssh_timeout": 3})
-    result = train(inv, job / "sft_lora.yaml")
+    result = train(inv, job / "sft_lora.yaml", workdir=job.parents[1])
     assert not result.ok and result.state == "not-started"
     assert "node2" in "\n".join(result.errors)
     assert not (roots / "node1" / "runs" / result.run_id).exists()
@@ -176,7 +177,7 @@ BAD_CONFIGS = {
 def test_bad_configs_are_refused_before_any_node_starts(case, two_nodes, job, default_stack, tmp_path, cli):
     _, roots = default_stack
     change, fragment = BAD_CONFIGS[case]
-    work = tmp_path / "tiny"
+    work = tmp_path / "examples" / "tiny"
     shutil.copytree(job, work, symlinks=True, ignore=shutil.ignore_patterns("model"))
     (work / "model").symlink_to(job / "model")
     data = yaml.safe_load((work / "sft_lora.yaml").read_text())
@@ -189,10 +190,10 @@ def test_bad_configs_are_refused_before_any_node_starts(case, two_nodes, job, de
     else:
         data.update(change)
         data = {k: v for k, v in data.items() if v is not None}
-    (work / "broken_ds.json").write_text("{ not json")
+    (tmp_path / "broken_ds.json").write_text("{ not json")
     (work / "sft_lora.yaml").write_text(yaml.safe_dump(data))
     before = {p.name for p in (roots / "node1" / "runs").glob("*")} if (roots / "node1" / "runs").exists() else set()
-    proc = cli("train", "-i", str(two_nodes), str(work / "sft_lora.yaml"))
+    proc = cli("train", "-i", str(two_nodes), str(work / "sft_lora.yaml"), "--workdir", str(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in out, out
     assert fragment in out, out
@@ -203,7 +204,7 @@ def test_bad_configs_are_refused_before_any_node_starts(case, two_nodes, job, de
 def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job, default_stack):
     _, roots = default_stack
     cfg = variant(job, "resumable", max_steps=400, save_steps=2)
-    first = train(two_nodes, cfg)
+    first = train(two_nodes, cfg, workdir=job.parents[1])
     assert first.ok, first.format()
     run_id = first.run_id
     deadline = time.time() + 600
@@ -221,7 +222,7 @@ def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job,
     # the worker's own checkpoint holds only its rank's state until llamafleet copies rank 0's in
     last = f"checkpoint-{done[-1]}"
     assert not (roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors").exists()
-    resumed = train(two_nodes, variant(job, "resumable", max_steps=done[-1] + 2, save_steps=2), run_id=run_id,
+    resumed = train(two_nodes, variant(job, "resumable", max_steps=done[-1] + 2, save_steps=2), workdir=job.parents[1], run_id=run_id,
                     follow_run=True, poll_s=3)
     # llamafleet's part: rank 0's last complete checkpoint reached the worker, every node resumes from it
     assert (roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors").exists()
@@ -244,7 +245,7 @@ def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_s
 
     _, roots = default_stack
     cfg = variant(job, "resync", max_steps=400)
-    first = train(two_nodes, cfg)
+    first = train(two_nodes, cfg, workdir=job.parents[1])
     assert first.ok, first.format()
     stop(two_nodes, first.run_id)
     # node2's copy of the data changed behind our back, and a stray file appeared there; node1 is intact
@@ -253,7 +254,8 @@ def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_s
     planted.write_text(planted.read_text() + '{"instruction": "planted", "input": "", "output": "x"}\n')
     (inputs / "stray.txt").write_text("not an input")
     run = run_playbook("train.yml", two_nodes, verb="train",
-                       extravars={"train_config": str(cfg), "train_follow": False})
+                       extravars={"train_config": str(cfg), "train_follow": False,
+                                  "train_workdir": str(job.parents[1])})
     try:
         assert run.ok, run.failure_messages()
         synced = next(iter(run.results["sync"].values()))["nodes"]

@@ -14,10 +14,12 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def job(tmp_path):
-    shutil.copytree(PROJECT / "examples" / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("model", "saves"))
-    (tmp_path / "tiny" / "model").mkdir()
-    (tmp_path / "tiny" / "model" / "config.json").write_text('{"model_type": "qwen2"}')
-    return tmp_path / "tiny"
+    """The built-in job, laid out as in this repository: its yaml's paths are relative to tmp_path."""
+    job = tmp_path / "examples" / "tiny"
+    shutil.copytree(PROJECT / "examples" / "tiny", job, ignore=shutil.ignore_patterns("model", "saves"))
+    (job / "model").mkdir()
+    (job / "model" / "config.json").write_text('{"model_type": "qwen2"}')
+    return job
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def cluster():
 
 def test_plan_stages_by_hard_link_and_renders_each_node(job, cluster, tmp_path):
     stack = lock.load_stack(None, "cpu")
-    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "state", run_id="r1")
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "state", workdir=job.parents[1], run_id="r1")
     assert set(plan.manifest) == {"data/tiny_alpaca.jsonl", "data/dataset_info.json", "model/config.json"}
     staged = Path(plan.stage_dir) / "data" / "tiny_alpaca.jsonl"
     assert staged.stat().st_ino == (job / "data" / "tiny_alpaca.jsonl").stat().st_ino  # a link, not a copy
@@ -49,17 +51,17 @@ def test_plan_stages_by_hard_link_and_renders_each_node(job, cluster, tmp_path):
 
 def test_replanning_an_unchanged_job_gives_the_same_files_and_times(job, cluster, tmp_path):
     stack = lock.load_stack(None, "cpu")
-    p1 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s")
+    p1 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s", workdir=job.parents[1])
     info = Path(p1.stage_dir) / "data" / "dataset_info.json"
     t1 = info.stat().st_mtime_ns
-    p2 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s")
+    p2 = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s", workdir=job.parents[1])
     assert p1.manifest == p2.manifest and info.stat().st_mtime_ns == t1
     assert p1.run_id != p2.run_id  # a new run each time
 
 
 def test_shared_inputs_verify_in_place(job, cluster, tmp_path):
     plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"),
-                                state_dir=tmp_path / "s", shared_inputs=True)
+                                state_dir=tmp_path / "s", workdir=job.parents[1], shared_inputs=True)
     assert plan.stage_dir is None
     assert str(job / "data" / "tiny_alpaca.jsonl").lstrip("/") in plan.manifest
     node_yaml = yaml.safe_load(plan.nodes["b"].files["train.yaml"])
@@ -68,7 +70,7 @@ def test_shared_inputs_verify_in_place(job, cluster, tmp_path):
 
 def test_deepspeed_launcher_command_and_hostfile(job, cluster, tmp_path):
     stack = lock.load_stack(None, "cpu")
-    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s", launcher="deepspeed",
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "s", workdir=job.parents[1], launcher="deepspeed",
                                 run_id="r2")
     cmd = plan.nodes["b"].command
     assert cmd[cmd.index("--node_rank") + 1] == "1" and cmd[cmd.index("--master_addr") + 1] == "192.168.0.1"
@@ -87,7 +89,7 @@ def test_sample_inventory_is_a_valid_cluster():
 
 
 def test_secret_looking_environment_is_not_printed(job, cluster, tmp_path):
-    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s",
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s", workdir=job.parents[1],
                                 extra_env={"WANDB_API_KEY": "s3cr3t-value", "HF_TOKEN": "hf_s3cr3t", "NCCL_P2P_DISABLE": "1"})
     text = plan.format(detail=True)
     assert "s3cr3t-value" not in text and "WANDB_API_KEY=***" in text and "NCCL_P2P_DISABLE=1" in text

@@ -9,10 +9,17 @@ import yaml
 
 from llamafleet.errors import ConfigError
 from llamafleet.inventory import validate
-from llamafleet.trainconfig import load_training, node_dataset_info, node_files, plan, rewrite_for_node
+from llamafleet import trainconfig
+from llamafleet.trainconfig import node_dataset_info, node_files, plan, rewrite_for_node
 
 RECORDS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(10)]
 CHAT = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}] * 4
+
+
+def load_training(path, **kw):
+    """As llamafactory-cli run from the job's directory: relative paths start there."""
+    kw.setdefault("workdir", path.parent)
+    return trainconfig.load_training(path, **kw)
 
 
 def write_job(root, *, yaml_text=None, info=None, records=RECORDS, ds_json=None, **overrides):
@@ -118,10 +125,44 @@ def test_model_dir_without_config_json(tmp_path):
     assert "has no config.json" in only_problem(path)
 
 
-def test_hub_model_id_is_a_warning(tmp_path):
-    cfg = load_training(write_job(tmp_path, model_name_or_path="Qwen/Qwen2.5-0.5B"))
-    assert cfg.model_dir is None
-    assert len(cfg.warnings) == 1 and "hub id" in cfg.warnings[0]
+def test_model_sources(tmp_path):
+    """auto: a directory here is synced, an absolute path elsewhere is on the nodes, org/name is a hub id."""
+    cfg = load_training(write_job(tmp_path))
+    assert (cfg.model.source, cfg.model.path, cfg.model_dir) == ("controller", str(tmp_path / "model"), str(tmp_path / "model"))
+    cfg = load_training(write_job(tmp_path, model_name_or_path="/data/models/Qwen3-32B"))
+    assert (cfg.model.source, cfg.model.path, cfg.model_dir) == ("nodes", "/data/models/Qwen3-32B", None)
+    cfg = load_training(write_job(tmp_path, model_name_or_path="Qwen/Qwen3-0.6B", model_revision="v1"))
+    assert (cfg.model.source, cfg.model.repo_id, cfg.model.revision, cfg.model.hub) == ("hub", "Qwen/Qwen3-0.6B", "v1",
+                                                                                      "huggingface")
+    cfg = load_training(write_job(tmp_path, model_name_or_path="Qwen/Qwen3-0.6B"), hub="modelscope")
+    assert (cfg.model.hub, cfg.model.revision) == ("modelscope", "main")
+    # a directory that exists here is still the nodes' with model_source nodes (a mount both see)
+    cfg = load_training(write_job(tmp_path), model_source="nodes")
+    assert (cfg.model.source, cfg.model.path) == ("nodes", str(tmp_path / "model"))
+
+
+def test_model_source_mistakes(tmp_path):
+    assert "not a hub id" in only_problem(write_job(tmp_path, model_name_or_path="/x/y"), model_source="hub")
+    assert "relative path" in only_problem(write_job(tmp_path, model_name_or_path="absent/dir/x"), model_source="nodes")
+    assert "does not exist on the controller" in only_problem(write_job(tmp_path, model_name_or_path="/nope"),
+                                                              model_source="controller")
+    with pytest.raises(ConfigError, match="train_model_source"):
+        load_training(write_job(tmp_path), model_source="cloud")
+
+
+def test_relative_paths_start_at_the_working_directory(tmp_path):
+    """As llamafactory-cli: examples/x.yaml run from a checkout reads data/ and examples/deepspeed/ of the checkout."""
+    write_job(tmp_path, ds_json="{}")
+    (tmp_path / "examples").mkdir()
+    yaml_path = tmp_path / "examples" / "x.yaml"
+    yaml_path.write_text((tmp_path / "train.yaml").read_text() + "deepspeed: ds.json\n")
+    cfg = load_training(yaml_path, workdir=tmp_path)
+    assert cfg.dataset_dir == str(tmp_path / "data") and cfg.deepspeed_path == str(tmp_path / "ds.json")
+    assert cfg.model_dir == str(tmp_path / "model") and cfg.workdir == str(tmp_path)
+    with pytest.raises(ConfigError) as err:  # run from elsewhere: model, deepspeed and data not found, each said where
+        load_training(yaml_path, workdir=tmp_path / "examples")
+    assert len(err.value.problems) == 3
+    assert all("relative to the working directory " + str(tmp_path / "examples") in p for p in err.value.problems)
 
 
 def test_unknown_stage(tmp_path):
@@ -181,12 +222,32 @@ def test_epochs_zero(tmp_path):
     load_training(write_job(tmp_path, num_train_epochs=0, max_steps=5))  # max_steps alone is enough
 
 
-def test_hub_dataset_needs_allow_remote(tmp_path):
-    info = {"train": {"file_name": "train.jsonl"}, "web": {"hf_hub_url": "org/data"}}
-    path = write_job(tmp_path, info=info, dataset="train,web")
-    assert "'web': hf_hub_url: needs a hub" in only_problem(path)
-    cfg = load_training(path, allow_remote=True)
-    assert len(cfg.warnings) == 1 and cfg.train_samples is None
+def test_hub_datasets(tmp_path):
+    info = {"train": {"file_name": "train.jsonl"}, "web": {"hf_hub_url": "org/data", "ms_hub_url": "ms/data"},
+            "ms": {"ms_hub_url": "ms/only"}, "cloud": {"cloud_file_name": "s3://b/x.json"}}
+    cfg = load_training(write_job(tmp_path, info=info, dataset="train,web,ms"))
+    hubs = {d.name: (d.hub, d.repo_id) for d in cfg.datasets if d.hub}
+    assert hubs == {"web": ("huggingface", "org/data"), "ms": ("modelscope", "ms/only")}  # LLaMA-Factory's choice
+    assert cfg.train_samples is None
+    cfg = load_training(write_job(tmp_path, info=info, dataset="web"), hub="modelscope")
+    assert (cfg.datasets[0].hub, cfg.datasets[0].repo_id) == ("modelscope", "ms/data")
+    assert "cloud_file_name: is not fetched" in only_problem(write_job(tmp_path, info=info, dataset="cloud"))
+    info = node_dataset_info(load_training(write_job(tmp_path, info=info, dataset="train,web")), {"web": "../../w"})
+    assert info["web"] == {"hf_hub_url": "../../w"} and info["train"]["file_name"] == "train.jsonl"
+
+
+def test_adapters_and_tokenized_path(tmp_path):
+    path = write_job(tmp_path)
+    (tmp_path / "saves" / "a1").mkdir(parents=True)
+    cfg = load_training(write_job(tmp_path, adapter_name_or_path="saves/a1,/nodes/a2", tokenized_path="tok"))
+    assert [(a.source, a.path) for a in cfg.adapters] == [("controller", str(tmp_path / "saves" / "a1")),
+                                                          ("nodes", "/nodes/a2")]
+    assert cfg.tokenized.source == "run"
+    node = rewrite_for_node(cfg, "/j", run_dir="/r")
+    assert node["adapter_name_or_path"] == "/j/adapters/0-a1,/nodes/a2" and node["tokenized_path"] == "/r/tokenized"
+    assert (str(tmp_path / "saves" / "a1"), "adapters/0-a1") in node_files(cfg)
+    assert "does not exist" in only_problem(write_job(tmp_path, adapter_name_or_path="org/hub-adapter"))
+    del path
 
 
 def test_ranking_must_match_the_stage(tmp_path):
@@ -250,15 +311,17 @@ def test_node_files_and_rewrite(tmp_path):
     assert node_dataset_info(cfg) == {
         "train": {"file_name": "train.jsonl"}, "extra": {"file_name": "external/extra/elsewhere.jsonl"},
     }
-    node = rewrite_for_node(cfg, "/srv/lf/jobs/7")
+    node = rewrite_for_node(cfg, "/srv/lf/jobs/7", run_dir="/srv/lf/runs/r7")
     assert node["dataset_dir"] == "/srv/lf/jobs/7/data"
     assert node["deepspeed"] == "/srv/lf/jobs/7/deepspeed/ds.json"
     assert node["model_name_or_path"] == "/srv/lf/jobs/7/model"
-    assert node["output_dir"] == "/srv/lf/jobs/7/output"
+    assert node["output_dir"] == "/srv/lf/runs/r7/output"
     assert node["template"] == "qwen" and cfg.data["output_dir"] == "saves/run"
 
 
-def test_hub_model_is_not_rewritten(tmp_path):
-    cfg = load_training(write_job(tmp_path, model_name_or_path="org/model"))
-    assert rewrite_for_node(cfg, "/j")["model_name_or_path"] == "org/model"
+def test_a_model_not_synced_is_not_copied(tmp_path):
+    cfg = load_training(write_job(tmp_path, model_name_or_path="/data/m"))
+    assert rewrite_for_node(cfg, "/j", run_dir="/r")["model_name_or_path"] == "/data/m"
     assert all(rel != "model" for _, rel in node_files(cfg))
+    cfg = load_training(write_job(tmp_path, model_name_or_path="org/model"))
+    assert rewrite_for_node(cfg, "/j", run_dir="/r", model_path="/c/snap")["model_name_or_path"] == "/c/snap"

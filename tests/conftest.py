@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 TESTS = PROJECT / "tests"
@@ -70,3 +71,57 @@ def default_stack(testbed, tmp_path_factory):
     result = provision(path)
     assert result.ok, result.format()
     return path, roots
+
+
+def stack():
+    """The default lock's cpu flavor, as the default_stack fixture provisions it."""
+    from llamafleet import lock
+
+    return lock.load_stack(None, "cpu")
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Processes of a run anywhere on this machine (every namespace node shares its process table)."""
+    marker = f"LLAMAFLEET_RUN_ID={run_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if marker in fh.read().split(b"\0"):
+                        with open(f"/proc/{entry}/stat") as st:
+                            if st.read().rsplit(")", 1)[1].split()[0] != "Z":
+                                pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="session")
+def job(default_stack, tmp_path_factory):
+    """The built-in tiny job, copied out of the repo with its layout (its yaml's paths are relative to
+    ``job.parents[1]``, as to the repository's root), with its model built by a node's stack Python."""
+    _, roots = default_stack
+    tiny = tmp_path_factory.mktemp("job") / "examples" / "tiny"
+    shutil.copytree(PROJECT / "examples" / "tiny", tiny, ignore=shutil.ignore_patterns("model", "saves"))
+    python = roots / "node1" / "stacks" / stack().venv_name / "bin" / "python"
+    subprocess.run([str(python), str(PROJECT / "python" / "llamafleet" / "tinymodel.py"), str(tiny / "model"),
+                    "--data", str(tiny / "data" / "tiny_alpaca.jsonl")], check=True, capture_output=True, timeout=600)
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def two_nodes(testbed, default_stack, tmp_path_factory):
+    _, roots = default_stack
+    path = tmp_path_factory.mktemp("inv2") / "hosts.yml"
+    return testbed.write_inventory(path, nodes=["node1", "node2"],
+                                   extra_host_vars={n: {"llamafleet_root": str(roots / n)} for n in ("node1", "node2")},
+                                   extra_group_vars={"stack_offline": True})
+
+
+def variant(job: Path, name: str, **changes) -> Path:
+    data = yaml.safe_load((job / "sft_lora.yaml").read_text())
+    data.update(changes)
+    out = job / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out

@@ -52,6 +52,7 @@ class TestNode:
     netns: str
     root: pathlib.Path
     pid_file: pathlib.Path
+    local_source: pathlib.Path  # what this node alone sees at Testbed.local_dir (its own disk, as on a real host)
 
 
 class SSHError(subprocess.CalledProcessError):
@@ -117,6 +118,9 @@ class Testbed:
         self.client_key = self.workdir / "ssh" / "id_ed25519"
         self.known_hosts = self.workdir / "ssh" / "known_hosts"
         self.inventory_path = self.workdir / "inventory" / "hosts.yml"
+        # One path, a different directory on every node (a private bind mount of its local_source): a
+        # node-local disk, where the shared filesystem of the namespaces would otherwise be one for all.
+        self.local_dir = self.workdir / "local"
         self.nodes = [
             TestNode(
                 name=f"node{i}",
@@ -124,6 +128,7 @@ class Testbed:
                 netns=f"lf{slot}n{i}",
                 root=self.workdir / "nodes" / f"node{i}",
                 pid_file=self.workdir / "sshd" / f"node{i}.pid",
+                local_source=self.workdir / "nodes" / f"node{i}" / "local",
             )
             for i in range(1, nodes + 1)
         ]
@@ -322,18 +327,22 @@ class Testbed:
             ))
 
     def _start_sshds(self) -> None:
-        """Start one sshd per node in its namespace and its own UTS namespace (hostname).
+        """Start one sshd per node in its namespace and its own UTS namespace (hostname), and its own
+        mount namespace, where ``local_dir`` is the node's ``local_source`` (what it alone sees there).
 
         sshd daemonizes itself (the launcher exits once the config is read), in a new session so
         that it outlives the caller; a bad config shows as the launcher's exit status. sshd
         writes its errors, those of the config included, to its -E log, not to stderr.
         """
         launchers = {}
+        self.local_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
+            node.local_source.mkdir(parents=True, exist_ok=True)
             argv = [
-                "ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c",
-                f'hostname "$1" && exec {SSHD} -f "$2" -E "$3"', "sh",
+                "ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c",
+                f'hostname "$1" && mount --bind "$4" "$5" && exec {SSHD} -f "$2" -E "$3"', "sh",
                 node.name, str(self._sshd_config(node)), str(self._sshd_log(node)),
+                str(node.local_source), str(self.local_dir),
             ]
             launchers[node] = subprocess.Popen(
                 argv, start_new_session=True, stdin=subprocess.DEVNULL,

@@ -203,6 +203,41 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
                         nodes=nodes, rows=tuple(rows), problems=tuple(problems), warnings=tuple(warnings))
 
 
+def compare_model(fingerprints: Mapping[str, Mapping[str, Any]], *, label: str, reference: str,
+                  report: ParityReport) -> ParityReport:
+    """``report`` with the model compared across nodes (``fingerprints``: node -> what the node's
+    ``modelcheck.fingerprint`` found): a node whose copy is incomplete, or whose files differ from the
+    ``reference`` node's (size, sha256 of a small file, safetensors header), fails it, file by file."""
+    nodes = [n for n in report.nodes if n in fingerprints]
+    if not nodes:
+        return report
+    rows, problems = list(report.rows), list(report.problems)
+    ref = reference if reference in fingerprints else nodes[0]
+    for n in nodes:
+        for p in fingerprints[n].get("problems") or ():
+            problems.append(f"{n}: model {label}: {p}")
+    files = sorted({f for n in nodes for f in (fingerprints[n].get("files") or {})})
+    for f in files:
+        found = {n: _short((fingerprints[n].get("files") or {}).get(f)) for n in nodes}
+        bad = [n for n in nodes if found[n] != found[ref]]
+        if bad:
+            rows.append(Row(f"model: {f}", f"as on {ref}", found, tuple(bad), " (the nodes hold different models)"))
+            problems += [f"{b}: model file {f} is {found[b]}, on {ref} it is {found[ref]}" for b in bad]
+    total = {n: f"{len(fingerprints[n].get('files') or {})} files, {(fingerprints[n].get('bytes') or 0) / 2**20:.1f} MiB"
+             for n in nodes}
+    broken = tuple(n for n in nodes if fingerprints[n].get("problems"))
+    rows.append(Row(f"model {label}", "complete, same on all nodes", total, broken))
+    return dataclasses.replace(report, ok=not problems, rows=tuple(rows), problems=tuple(problems))
+
+
+def _short(value: str | None) -> str:
+    """A file's fingerprint for the table: its size and the first characters of its digest."""
+    if value is None:
+        return MISSING
+    size, _, digest = value.partition(" ")
+    return f"{size} B" + (f" {digest.split(':', 1)[1][:8]}" if digest else "")
+
+
 def save_report(report: ParityReport, inspections: Mapping[str, Mapping[str, Any]], state_dir: str | os.PathLike) -> Path:
     """Write the report with each node's inspection to <state_dir>/reports/parity-<time>.json and point
     parity-latest.json at it (atomically). Returns the report's path."""

@@ -38,6 +38,14 @@ class ActionModule(ActionBase):
             problems = preflight.check(stack, inspections, min_disk_gb=0.0, installing=set(),
                                        max_clock_skew_s=float(args["max_clock_skew_s"]))
         report = parity.compare(stack, inspections, gpus=args.get("gpus") or {})
+        models: dict[str, dict] = {}
+        for var in args.get("model_vars") or []:
+            for host, res in host_results(task_vars, order, var).items():
+                if res.get("model"):
+                    models[host] = res["model"]
+        if models:
+            report = parity.compare_model(models, label=args.get("model_label") or "", reference=args.get("master"),
+                                          report=report)
         path = parity.save_report(report, inspections, args["state_dir"])
         result.update(changed=False, report=report.to_dict(), report_path=str(path))
         failures = ["preflight failed:\n" + "\n".join(f"- {p}" for p in problems)] if problems else []

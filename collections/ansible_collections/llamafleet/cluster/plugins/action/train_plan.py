@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
@@ -26,9 +27,12 @@ class ActionModule(ActionBase):
         try:
             plan = launchplan.make_plan(
                 a["config"], Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]), state_dir=state_dir(a["state_dir"]),
-                launcher=a.get("launcher") or "torchrun", master_port=int(a.get("master_port") or 29500),
-                run_id=a.get("run_id") or None, job=a.get("job") or None, shared_inputs=bool(a.get("shared_inputs")),
-                sync_model=bool(a.get("sync_model", True)), extra_env=a.get("extra_env") or None)
+                workdir=a.get("workdir") or None, launcher=a.get("launcher") or "torchrun",
+                master_port=int(a.get("master_port") or 29500), run_id=a.get("run_id") or None, job=a.get("job") or None,
+                shared_inputs=boolean(a.get("shared_inputs", False)), sync_model=boolean(a.get("sync_model", True)),
+                model_source=a.get("model_source") or "auto",
+                hub_fetch=a.get("hub_fetch") or ("controller" if boolean(a.get("offline", False)) else "nodes"),
+                fetch_now=not boolean(a.get("detail", False)), extra_env=a.get("extra_env") or None)
         except LlamafleetError as exc:
             result.update(failed=True, problems=exc.problems,
                           msg="the training configuration cannot run; no node was started:\n"

@@ -12,7 +12,8 @@ description:
     as the node module does (the controller then judges parity and preflight for all nodes together). The
     synced inputs must match the controller's manifest, no other run may be active, the NCCL interface must
     exist, there must be disk, and on the master the rendezvous port must be free. It reports the run's last
-    complete checkpoint on this node (for a resume).
+    complete checkpoint on this node (for a resume), the fingerprint of the model directory the run reads
+    (C(model_check)), and which of the run's hub repositories this node's cache still lacks (C(hub_items)).
   - C(started) writes the run directory (yaml, environment, hostfile, launch script) and starts training detached
     from the SSH session. First a real TCP check of the rendezvous port between the nodes. The master listens on
     it until every worker has connected. A worker connects to the master's training address. Nothing starts on a
@@ -130,6 +131,19 @@ options:
   controller_time:
     description: With C(prepared), the controller's clock (epoch seconds) when it sent this task.
     type: float
+  model_check:
+    description: With C(prepared), the model directory on this node to fingerprint (C(path)), with the sizes the hub
+      listed for its commit (C(files)), if any. Compared across nodes by the controller.
+    type: dict
+  hub_items:
+    description: With C(prepared), the run's hub repositories (as for llamafleet.cluster.fetch); reported in
+      C(hub_missing) when this node's copy under C(hub_cache_dir) is not complete.
+    type: list
+    elements: dict
+    default: []
+  hub_cache_dir:
+    description: With C(prepared), this node's hub cache directory.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -158,6 +172,7 @@ import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import node_facts
 
 ACTIVE = "active"
@@ -395,11 +410,26 @@ def _prepare(module, p, host):
             s.close()
     if p["venv_name"]:
         out["node"], out["stack"] = node_facts(p, os.path.join(root, "stacks", p["venv_name"]))
+    out.update(_hub_and_model(p))
     # a resume continues from the master's last complete checkpoint of this run
     out["checkpoint"] = _last_checkpoint(os.path.join(root, "runs", p["run_id"], "output")) if p["run_id"] else None
     if problems:
         module.fail_json(msg="%s: %s" % (host, "; ".join(problems)), problems=problems, **out)
     module.exit_json(changed=False, **out)
+
+
+def _hub_and_model(p):
+    """The model's fingerprint on this node, and the hub repositories its cache lacks (fetched next)."""
+    out, seen = {}, {}
+    for item in p["hub_items"]:
+        path = os.path.join(p["hub_cache_dir"], item["cache_subdir"])
+        seen[path] = fingerprint(path, item.get("files") or None, model=item.get("model", False))
+        if not seen[path]["present"] or seen[path]["problems"]:
+            out.setdefault("hub_missing", []).append(item["name"])
+    check = p.get("model_check")
+    if check:
+        out["model"] = seen.get(check["path"]) or fingerprint(check["path"], check.get("files") or None)
+    return out
 
 
 def _rendezvous_check(module, p, host):
@@ -567,6 +597,9 @@ def main():
             strip=dict(type="dict", default={}),
             gpu_expected=dict(type="bool", default=False),
             controller_time=dict(type="float"),
+            model_check=dict(type="dict"),
+            hub_items=dict(type="list", elements="dict", default=[]),
+            hub_cache_dir=dict(type="path"),
         ),
         supports_check_mode=False,
     )

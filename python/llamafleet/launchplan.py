@@ -144,9 +144,10 @@ def _stage(cfg: trainconfig.TrainingConfig, stage: Path, sync_model: bool, extra
     fresh = stage.with_name(stage.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
-    for src, rel in trainconfig.node_files(cfg) + extra:
-        if rel == trainconfig.NODE_MODEL_DIR and not sync_model:
-            continue
+    for src, rel in trainconfig.node_files(cfg):
+        if rel != trainconfig.NODE_MODEL_DIR or sync_model:
+            _link_tree(Path(src), fresh / rel)
+    for src, rel in extra:  # hub repositories fetched here
         _link_tree(Path(src), fresh / rel)
     info = fresh / trainconfig.NODE_DATA_DIR / trainconfig.DATASET_INFO
     info.parent.mkdir(parents=True, exist_ok=True)

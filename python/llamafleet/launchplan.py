@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import hub, launch, trainconfig
+from . import hub, launch, parity, trainconfig
 from .errors import ConfigError
 from .inventory import Cluster
 from .lock import Stack
@@ -69,6 +69,8 @@ class LaunchPlan:
     inputs: tuple[dict[str, str], ...] = ()  # every input as the yaml names it, resolved, with its source
     hub: tuple[dict[str, Any], ...] = ()  # hub repositories the nodes fetch (llamafleet.cluster.fetch items)
     hub_endpoint: str = ""  # where the nodes fetch them from (HF_ENDPOINT)
+    # the yaml's keys and template, checked against every node's LLaMA-Factory before any rank starts
+    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,6 +318,13 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         model_source = "nodes"
     cfg = trainconfig.load_training(config, workdir=workdir, model_source=model_source, hub=hub.hub_of(extra_env))
     cpu_only = stack.cuda is None
+    arguments = {"path": cfg.path, "keys": sorted(cfg.data), "template": cfg.data.get("template"),
+                 "allow_extra": extra_env.get("ALLOW_EXTRA_ARGS", "").lower() in ("1", "true")}
+    surface = parity.load_llamafactory(state_dir, stack.venv_name) if not arguments["allow_extra"] else None
+    problems = trainconfig.check_precision(cfg, cpu_only) + trainconfig.check_arguments(
+        cfg.path, arguments["keys"], arguments["template"], surface or {}, f"the nodes' stack-{stack.hash}")
+    if problems:
+        raise ConfigError(problems)
     plan = trainconfig.plan(cfg, cluster, cpu_only)
     job = job_name(config, job)
     run_id = run_id or new_run_id(job)
@@ -359,4 +368,4 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
                       master_port=master_port, shared_inputs=shared_inputs, stage_dir=stage_dir, manifest=manifest,
                       plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings),
                       workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs)),
-                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint)
+                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint, arguments=arguments)

@@ -238,6 +238,30 @@ def _short(value: str | None) -> str:
     return f"{size} B" + (f" {digest.split(':', 1)[1][:8]}" if digest else "")
 
 
+def _llamafactory_path(state_dir: str | os.PathLike, venv_name: str) -> Path:
+    return Path(state_dir) / "stacks" / f"{venv_name}.llamafactory.json"
+
+
+def save_llamafactory(state_dir: str | os.PathLike, venv_name: str,
+                      inspections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Keep what the nodes' LLaMA-Factory accepts (version, argument names, templates), as a node's probe
+    reported it, so that a later plan checks a yaml before any node is contacted (``load_llamafactory``)."""
+    found = next((st["llamafactory"] for r in inspections.values() if (st := r.get("stack") or {}).get("llamafactory")
+                  and "args" in st["llamafactory"]), None)
+    if found:
+        path = _llamafactory_path(state_dir, venv_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found))
+    return found
+
+
+def load_llamafactory(state_dir: str | os.PathLike, venv_name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(_llamafactory_path(state_dir, venv_name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def save_report(report: ParityReport, inspections: Mapping[str, Mapping[str, Any]], state_dir: str | os.PathLike) -> Path:
     """Write the report with each node's inspection to <state_dir>/reports/parity-<time>.json and point
     parity-latest.json at it (atomically). Returns the report's path."""

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import yaml
@@ -709,6 +710,46 @@ def _check_messages(
                                f"none of the role tags ({', '.join(sorted(roles))}); set user_tag/assistant_tag/"
                                "system_tag in \"tags\"", where)
                 return
+
+
+def check_arguments(path: str, keys: Collection[str], template: Any, surface: Mapping[str, Any],
+                    where: str) -> list[str]:
+    """Problems of a yaml's keys and template against what a node's LLaMA-Factory accepts (``surface``:
+    its ``version``, ``args`` and ``templates``, as the node's probe reports them; ``where`` names the
+    nodes). LLaMA-Factory refuses an unknown key at start, from every rank; here it is one line, with
+    the closest valid name."""
+    accepted = set(surface.get("args") or ())
+    if not accepted:
+        return []
+    version = surface.get("version", "?")
+    problems = []
+    for key in sorted(k for k in keys if k not in accepted):
+        close = difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}? " if close else ""
+        problems.append(f"{path}: {key}: not an argument of LLaMA-Factory {version} ({where}); {hint}fix or remove it "
+                        "(ALLOW_EXTRA_ARGS=1 in train_env passes it anyway)")
+    templates = surface.get("templates")
+    if isinstance(template, str) and templates and template not in templates:
+        close = difflib.get_close_matches(template, templates, n=1, cutoff=0.6)
+        problems.append(f"{path}: template: {template!r} is not a template of LLaMA-Factory {version} ({where})"
+                        + (f"; did you mean {close[0]}?" if close else "; check the spelling"))
+    return problems
+
+
+def check_precision(cfg: TrainingConfig, cpu_only: bool) -> list[str]:
+    """Precision settings the nodes' transformers or LLaMA-Factory would refuse at start, on this stack."""
+    data, problems = cfg.data, []
+    on = {k for k in ("fp16", "bf16", "pure_bf16") if data.get(k) is True}
+    if "fp16" in on and on & {"bf16", "pure_bf16"}:
+        problems.append(f"{cfg.path}: fp16 and bf16: both are true, and transformers allows at most one; keep one")
+    if cpu_only and "fp16" in on:
+        problems.append(f"{cfg.path}: fp16: fp16 mixed precision needs GPUs and this stack has none (a CPU flavor); "
+                        "remove fp16, or use a CUDA flavor")
+    if cpu_only and on & {"bf16", "pure_bf16"} and data.get("use_cpu") is not True:
+        key = "bf16" if "bf16" in on else "pure_bf16"
+        problems.append(f"{cfg.path}: {key}: transformers refuses bf16 without a GPU (this stack has none) unless "
+                        "use_cpu is true; remove it, or set use_cpu: true")
+    return problems
 
 
 def plan(cfg: TrainingConfig, cluster: Cluster, cpu_only: bool) -> TrainPlan:

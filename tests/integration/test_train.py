@@ -121,6 +121,13 @@ BAD_CONFIGS = {
     "zero epochs and no max_steps": ({"num_train_epochs": 0, "max_steps": -1}, "num_train_epochs"),
     "learning rate 0": ({"learning_rate": 0}, "learning_rate"),
     "no output_dir": ({"output_dir": None}, "output_dir"),
+    # what the nodes' LLaMA-Factory (its argument names, from the probe) and transformers would refuse at start
+    "misspelt key": ({"learning_rat": 1.0e-4}, "learning_rat: not an argument of LLaMA-Factory 0.9.5"),
+    "fp16 and bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16: both are true"),
+    "fp16 on a CPU stack": ({"fp16": True}, "fp16 mixed precision needs GPUs"),
+    # LLaMA-Factory's own example path, from a directory that is not a LLaMA-Factory checkout
+    "deepspeed not under the working directory": ({"deepspeed": "examples/deepspeed/ds_z3_config.json"},
+                                                  "relative to the working directory"),
 }
 
 

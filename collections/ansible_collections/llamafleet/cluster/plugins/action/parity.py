@@ -6,11 +6,13 @@ facts (clocks, drivers) are judged in the same task, so that a launch judges all
 
 from __future__ import annotations
 
+import json
+
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
 
-from llamafleet import parity, preflight
+from llamafleet import parity, preflight, trainconfig
 from llamafleet.lock import resolve_dict
 
 
@@ -38,6 +40,17 @@ class ActionModule(ActionBase):
             problems = preflight.check(stack, inspections, min_disk_gb=0.0, installing=set(),
                                        max_clock_skew_s=float(args["max_clock_skew_s"]))
         report = parity.compare(stack, inspections, gpus=args.get("gpus") or {})
+        parity.save_llamafactory(args["state_dir"], stack.venv_name, inspections)
+        config = args.get("train_config")
+        yaml_problems = []
+        if config and not config.get("allow_extra"):  # a launch: the yaml against every node's LLaMA-Factory
+            hosts_of: dict[str, list[str]] = {}
+            for host, res in inspections.items():
+                surface = (res.get("stack") or {}).get("llamafactory") or {}
+                hosts_of.setdefault(json.dumps(surface, sort_keys=True), []).append(host)
+            for key, hosts in hosts_of.items():
+                yaml_problems += trainconfig.check_arguments(config["path"], config["keys"], config.get("template"),
+                                                             json.loads(key), "on " + ", ".join(hosts))
         models: dict[str, dict] = {}
         for var in args.get("model_vars") or []:
             for host, res in host_results(task_vars, order, var).items():
@@ -49,6 +62,10 @@ class ActionModule(ActionBase):
         path = parity.save_report(report, inspections, args["state_dir"])
         result.update(changed=False, report=report.to_dict(), report_path=str(path))
         failures = ["preflight failed:\n" + "\n".join(f"- {p}" for p in problems)] if problems else []
+        if yaml_problems:
+            failures.append("the training yaml does not fit the nodes' LLaMA-Factory:\n"
+                            + "\n".join(f"- {p}" for p in yaml_problems))
+            problems += yaml_problems
         if not report.ok:
             failures.append(report.format() + f"\nreport: {path}")
         if failures:

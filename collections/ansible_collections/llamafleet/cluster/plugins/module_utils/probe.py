@@ -177,6 +177,50 @@ def probe_venv(venv, gpu_node):
     return probe
 
 
+# What the venv's LLaMA-Factory accepts: the fields of the dataclasses its HfArgumentParser parses a
+# training yaml into, and its chat templates. Importing it costs seconds (transformers, torch), so the
+# answer is cached in the venv, keyed by the versions it depends on.
+LLAMAFACTORY_SCRIPT = r"""
+import dataclasses, json
+from importlib.metadata import version
+from llamafactory.hparams.parser import _TRAIN_ARGS
+from llamafactory.data.template import TEMPLATES
+print(json.dumps({"version": version("llamafactory"), "templates": sorted(TEMPLATES),
+                  "args": sorted({f.name for dc in _TRAIN_ARGS for f in dataclasses.fields(dc)})}))
+"""
+LLAMAFACTORY_CACHE = ".llamafleet-llamafactory.json"
+_LLAMAFACTORY_KEY = ("llamafactory", "transformers", "peft", "trl", "accelerate", "datasets")
+
+
+def llamafactory_surface(venv, probe):
+    """{version, args, templates} of the venv's LLaMA-Factory (None when it has none), cached in the venv."""
+    packages = probe.get("packages") or {}
+    if "llamafactory" not in packages:
+        return None
+    key = ",".join("%s=%s" % (n, packages.get(n)) for n in _LLAMAFACTORY_KEY)
+    cache = os.path.join(venv, LLAMAFACTORY_CACHE)
+    try:
+        with open(cache) as fh:
+            cached = json.load(fh)
+        if cached.get("key") == key:
+            return cached["value"]
+    except (OSError, ValueError, KeyError):
+        pass
+    env = dict(os.environ, PYTHONNOUSERSITE="1", DISABLE_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONPATH", None)
+    rc, out, err = run([os.path.join(venv, "bin", "python"), "-I", "-c", LLAMAFACTORY_SCRIPT], timeout=300, env=env)
+    if rc != 0:
+        return {"error": "the venv's LLaMA-Factory cannot be imported: " + (err or out).strip()[-300:]}
+    value = json.loads(out.strip().splitlines()[-1])
+    try:
+        with open(cache + ".tmp", "w") as fh:
+            json.dump({"key": key, "value": value}, fh)
+        os.replace(cache + ".tmp", cache)
+    except OSError:
+        pass
+    return value
+
+
 MARKER = ".llamafleet-complete"
 # Installed by venv/ensurepip, not by the lock: never reported as extras.
 _BASELINE = {"pip", "setuptools", "wheel", "distribute"}
@@ -255,6 +299,7 @@ def stack_state(p, venv):
         state["status"] = "drift"
     else:
         state["status"] = "ok"
+        state["llamafactory"] = llamafactory_surface(venv, probe)
     return state
 
 

@@ -15,9 +15,9 @@ description:
     complete checkpoint on this node (for a resume).
   - C(started) writes the run directory (mode 0700: yaml, environment, hostfile, launch script) and starts training
     detached from the SSH session. It records the launcher's pid and the process's start time beside it; a stop
-    signals that pid only while it is still that process (pids are reused, and after a reboot). First a real TCP check of the rendezvous port between the nodes. The master listens on
-    it until every worker has connected. A worker connects to the master's training address. Nothing starts on a
-    node whose check fails.
+    signals that pid only while it is still that process (pids are reused, and after a reboot). First a real TCP
+    check of the rendezvous port between the nodes. The master listens on it until every worker has connected.
+    A worker connects to the master's training address. Nothing starts on a node whose check fails.
   - C(status) reports whether the run is running, its exit code, the log's last lines and rank 0's progress.
   - C(stopped) stops every process of the run (its process group and any process carrying its run id), TERM then KILL.
 version_added: "0.1.0"
@@ -253,8 +253,9 @@ def _leader(run_dir):
 
 
 def _signal(leader, procs, sig):
-    """``sig`` to the leader's group and to each process, each checked again just before: still the same process."""
-    if leader and _identity(leader) is not None:
+    """``sig`` to the group of ``leader`` (a pid ``_leader`` just vouched for, or 0) and to each process found,
+    each checked again just before: still the same process."""
+    if leader:
         try:
             os.killpg(leader, sig)
         except OSError:

@@ -4,14 +4,15 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := openssh-server openssh-client rsync pdsh pypy3 iproute2 python3-venv
+APT_PACKAGES := openssh-server openssh-client rsync pdsh pypy3 iproute2 python3-venv tmux
 
 .PHONY: setup system venv demo test test-fast lint bench clean
 
 setup: system venv
 
 # System packages the tests need: sshd for the network-namespace nodes, rsync for transfers,
-# pdsh for benchmark baselines, pypy3 as a second Python minor for drift tests.
+# pdsh for benchmark baselines, pypy3 as a second Python minor for drift tests, tmux for the tests that
+# press Ctrl-C in a real terminal.
 system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 import threading
 from typing import Any
@@ -161,29 +163,109 @@ def _print_train(console, result: training.TrainResult) -> None:
         console.print(f"log: {result.log_path}", markup=False, highlight=False)
 
 
+class Interrupts:
+    """While following: the first SIGINT (Ctrl-C), SIGTERM or SIGHUP sets ``event`` (following ends, the
+    run goes on); a second SIGINT gives up at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        self.event.set()
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def _print_detached(console, result: training.TrainResult, inventory: str) -> None:
+    run, inv = shlex.quote(result.run_id or ""), shlex.quote(str(inventory))
+    console.print(f"stopped following; run {result.run_id} goes on on the nodes.", markup=False, highlight=False)
+    for what, verb in (("follow it again", "follow"), ("see it", "status"), ("its logs", "logs"), ("stop it", "stop")):
+        console.print(f"  {what + ':':17}llamafleet {verb} {run} -i {inv}", markup=False, highlight=False)
+
+
+def _print_followed(console, args, result: training.TrainResult, interrupts: Interrupts) -> int:
+    if args.json:
+        print(result.to_json())
+    elif result.state == "detached":
+        _print_detached(console, result, args.inventory)
+    else:
+        _print_train(console, result)
+    if result.state in ("detached", "stopped"):
+        return interrupts.exit_code
+    return 0 if result.ok else 1
+
+
 def _train(args, console) -> int:
     kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
                   dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
                   follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra),
                   workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch)
-    if args.json or not console.is_terminal:
-        result = training.train(args.inventory, args.config, **kwargs,
-                                on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
-    else:
-        with Progress(console) as progress:
-            result = training.train(args.inventory, args.config, **{**kwargs, "follow_run": False}, on_event=progress)
-        if result.ok and args.follow and not args.dry_run:
-            with TrainProgress(console) as bar:
-                done = training.follow(args.inventory, result.run_id, start_timeout_s=args.start_timeout,
-                                       extravars=kwargs["extravars"], on_status=bar)
-            import dataclasses
+    with Interrupts() as interrupts:
+        kwargs.update(cancel=interrupts.event, stop_on_cancel=args.stop_on_interrupt)
+        if args.json or not console.is_terminal:
+            result = training.train(args.inventory, args.config, **kwargs,
+                                    on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
+        else:
+            with Progress(console) as progress:
+                result = training.train(args.inventory, args.config, **{**kwargs, "follow_run": False}, on_event=progress)
+            if result.ok and args.follow and not args.dry_run:
+                if result.summary:
+                    console.print(result.summary, markup=False, highlight=False)
+                with TrainProgress(console) as bar:
+                    done = training.follow(args.inventory, result.run_id, start_timeout_s=args.start_timeout,
+                                           extravars=kwargs["extravars"], on_status=bar, cancel=interrupts.event,
+                                           stop_on_cancel=args.stop_on_interrupt)
+                import dataclasses
 
-            result = dataclasses.replace(done, plan=result.plan, summary=result.summary, log_path=result.log_path)
+                # the summary was printed before following
+                result = dataclasses.replace(done, plan=result.plan, summary="", log_path=result.log_path)
+        return _print_followed(console, args, result, interrupts)
+
+
+def _follow(args, console) -> int:
+    extra = _parse_extra(args.extra)
+    with Interrupts() as interrupts:
+        kw = dict(start_timeout_s=args.start_timeout, extravars=extra, cancel=interrupts.event,
+                  stop_on_cancel=args.stop_on_interrupt)
+        if args.json or not console.is_terminal:
+            result = training.follow(args.inventory, args.run_id, **kw,
+                                     on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
+        else:
+            with TrainProgress(console) as bar:
+                result = training.follow(args.inventory, args.run_id, on_status=bar, **kw)
+        return _print_followed(console, args, result, interrupts)
+
+
+def _collect(args, console) -> int:
+    extra = _parse_extra(args.extra)
+    run_id = args.run_id or training.active_run_id(args.inventory, extra)
+    outs = training.collect(args.inventory, run_id, extravars=extra)
     if args.json:
-        print(result.to_json())
-    else:
-        _print_train(console, result)
-    return 0 if result.ok else 1
+        print(json.dumps({"run_id": run_id, "run_dir": training.run_dir(run_id, extra), "outputs": outs},
+                         indent=2, sort_keys=True))
+        return 0
+    console.print(f"run {run_id}: collected", markup=False, highlight=False)
+    for what, path in outs.items():
+        console.print(f"{what}: {path}", markup=False, highlight=False)
+    console.print(f"run directory: {training.run_dir(run_id, extra)}", markup=False, highlight=False)
+    return 0
 
 
 def _run_verb(args, console) -> int:
@@ -244,9 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who fetches hub models and datasets: every node (default; HF_ENDPOINT mirrors honoured) or "
                    "this machine once, then synced (default when the stack is offline)")
     t.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
+    t.add_argument("--stop-on-interrupt", action="store_true",
+                   help="Ctrl-C (or SIGTERM, SIGHUP) while following stops every rank; without it the run goes on")
     t.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=_train)
+    f = sub.add_parser("follow", help="follow a run again: live progress, stop all ranks if one fails, collect outputs",
+                       description="Re-attach to a run: the same live view as train --follow. Ctrl-C detaches again.")
+    f.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
+    f.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+    f.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
+    f.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C (or SIGTERM, SIGHUP) stops every rank")
+    f.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    f.add_argument("--json", action="store_true", help="print the result as JSON")
+    f.set_defaults(func=_follow)
+    c = sub.add_parser("collect", help="copy every node's log and rank 0's outputs of a run to this machine",
+                       description="Copy every node's run directory (logs, exit code, rank 0's adapter, trainer log, "
+                                   "loss plot; no checkpoints, no node.env) into <state_dir>/runs/RUN_ID/nodes/.")
+    c.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
+    c.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+    c.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    c.add_argument("--json", action="store_true", help="print as JSON")
+    c.set_defaults(func=_collect)
     for verb, text in (("status", "where a run stands on every node"), ("logs", "the last log lines of every node"),
                        ("stop", "stop every rank of a run on every node")):
         s = sub.add_parser(verb, help=text, description=text)

@@ -106,11 +106,15 @@ def node_env(
     return env
 
 
-def render_env_file(env: Mapping[str, str]) -> str:
-    """``export KEY='value'`` lines, keys sorted, for a POSIX shell to source."""
+def check_env_names(env: Mapping[str, str]) -> None:
     bad = [k for k in env if not _ENV_NAME.match(k)]
     if bad:
         raise ConfigError(f"environment variable name {bad[0]!r} is not valid in a shell; use letters, digits and _")
+
+
+def render_env_file(env: Mapping[str, str]) -> str:
+    """``export KEY='value'`` lines, keys sorted, for a POSIX shell to source."""
+    check_env_names(env)
     return render("node.env.j2", node_env=dict(env))
 
 

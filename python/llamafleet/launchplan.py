@@ -23,16 +23,36 @@ from typing import Any
 
 import yaml
 
-from . import hub, launch, parity, trainconfig
+from . import hub, launch, names, parity, trainconfig
 from .errors import ConfigError
 from .inventory import Cluster
 from .lock import Stack
 
-_JOB = re.compile(r"[^A-Za-z0-9_.-]+")
-# Environment values never printed in a plan (they still reach the node's node.env, which is never collected).
 # Names of variables whose values are secrets (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...);
-# TOKENIZERS_PARALLELISM is a setting, not a token.
+# TOKENIZERS_PARALLELISM is a setting, not a token. The one rule: a plan holds only REDACTED for them
+# and its node.env leaves them out; their values travel apart (split_secrets), to the train module's
+# no_log option secret_env, which appends them to the node's node.env (mode 0600) and nowhere else.
 _SECRET = re.compile(r"TOKEN(?!IZER)|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY", re.I)
+REDACTED = "***"
+
+
+def is_secret(name: str) -> bool:
+    return bool(_SECRET.search(name))
+
+
+def split_secrets(env: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the variables that may be shown and logged, the secret ones as strings)."""
+    public, secret = {}, {}
+    for key, value in (env or {}).items():
+        if is_secret(key):
+            secret[key] = str(value)
+        else:
+            public[key] = value
+    return public, secret
+
+
+def redact_env(env: dict[str, Any]) -> dict[str, Any]:
+    return {k: REDACTED if is_secret(k) else v for k, v in env.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +116,7 @@ class LaunchPlan:
             if detail:
                 lines.append(f"    run dir: {n.run_dir}")
                 lines.append("    command: " + shlex.join(n.command))
-                lines += [f"    {k}={'***' if _SECRET.search(k) else shlex.quote(v)}" for k, v in sorted(n.env.items())]
+                lines += [f"    {k}={REDACTED if is_secret(k) else shlex.quote(v)}" for k, v in sorted(n.env.items())]
         if detail and self.launcher == "deepspeed":
             lines.append("  hostfile:")
             lines += [f"    {line}" for line in self.hostfile.splitlines()]
@@ -110,7 +130,14 @@ def new_run_id(job: str) -> str:
 
 
 def job_name(config: str | os.PathLike, name: str | None = None) -> str:
-    return _JOB.sub("-", name or Path(config).stem).strip("-") or "job"
+    """The job's name (``train_job``, else the config's file name), normalised, then checked
+    (``names.check_name``): it names directories that a plan replaces."""
+    raw = name or Path(config).stem
+    what = "train_job" if name else f"the job name taken from {Path(config).name} (set train_job)"
+    if "/" in raw or ".." in raw or raw[:1] in (".", "-"):
+        names.check_name(raw, what)  # names the value as given
+    job = names.normalize_job(raw)
+    return names.check_name(job, what if job == raw else f"{what} {raw!r} normalised to")
 
 
 def _hash_file(path: Path, cache: dict[str, Any]) -> str:
@@ -314,6 +341,8 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         raise ConfigError(f"train_launcher is {launcher!r}; use one of: {', '.join(launch.LAUNCHERS)}")
     config = os.path.abspath(config)
     extra_env = dict(extra_env or {})
+    job = job_name(config, job)  # names of directories the plan replaces: checked before anything else
+    run_id = names.check_name(run_id, "run id (train_run_id)") if run_id else new_run_id(job)
     if not sync_model and model_source == "auto":
         model_source = "nodes"
     cfg = trainconfig.load_training(config, workdir=workdir, model_source=model_source, hub=hub.hub_of(extra_env))
@@ -326,10 +355,6 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
     if problems:
         raise ConfigError(problems)
     plan = trainconfig.plan(cfg, cluster, cpu_only)
-    job = job_name(config, job)
-    run_id = run_id or new_run_id(job)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id):
-        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     state = Path(state_dir)
     pinned = _pin_hub(cfg, hub_fetch, extra_env, state / HUB_CACHE if fetch_now else None)
     model_synced = bool(cfg.model_dir) and sync_model
@@ -349,11 +374,14 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
                               hf_home=f"{root}/cache/huggingface", mplconfigdir=f"{root}/cache/matplotlib", cpus=cpus,
                               extra={"TORCH_EXTENSIONS_DIR": f"{root}/cache/torch_extensions",
                                      "LLAMAFLEET_RUN_ID": run_id, **extra_env})
+        launch.check_env_names(env)
+        public, _secret = split_secrets(env)  # the values stay out of the plan: the train module gets them
+        env = redact_env(env)
         command = launch.node_command(launcher, node, cluster, f"{run_dir}/train.yaml", venv, master_port=master_port,
                                       cpu_only=cpu_only, hostfile=f"{run_dir}/hostfile",
                                       site_packages=f"{venv}/lib/python{stack.python}/site-packages")
         files = {"train.yaml": "# Generated by llamafleet from " + config + "\n" + yaml.safe_dump(data, sort_keys=False),
-                 "node.env": launch.render_env_file(env), "hostfile": hostfile_text}
+                 "node.env": launch.render_env_file(public), "hostfile": hostfile_text}
         nodes[node.name] = NodeLaunch(name=node.name, node_rank=node.node_rank, master=node.master,
                                       inputs_dir=inputs_dir, run_dir=run_dir, env=env, command=command, files=files,
                                       hub_cache_dir=cache_dir, model_check=model_check)

@@ -1,14 +1,20 @@
 """The one place that runs playbooks: ansible-runner, a fresh private data dir per run, events -> per-host results.
 
-Nothing secret is written to disk by a run: env files are suppressed (extra vars travel on the
-command line), the private data dir (events, artifacts) is deleted after the run, and what is
-kept is the plain-text log of the run under ``<state_dir>/logs``.
+Extra vars (``train_env`` may hold secrets) reach ansible-playbook as ``-e @<private data dir>/env/extravars``,
+a file of mode 0600 in a directory of mode 0700, deleted right after the run: never on a command line,
+which ``ps`` shows to every user. Runner's other env files are suppressed, the private data dir (events,
+artifacts) is deleted after the run (``LLAMAFLEET_KEEP_RUNNER_DIRS=1`` keeps it, events included, for
+debugging; never the extra vars), and what is kept is the plain-text log of the run under ``<state_dir>/logs``.
+
+ansible-runner is always given a cancel callback (``cancel``, else never), so it never installs its own
+SIGINT/SIGTERM handlers: the caller owns its signals. A set ``cancel`` ends the playbook within a second.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shutil
@@ -28,6 +34,7 @@ _ENV_ALLOW = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TMPDIR", "SS
               "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
               "PIP_CONFIG_FILE", "PIP_CERT", "PIP_FIND_LINKS", "PIP_DEFAULT_TIMEOUT", "REQUESTS_CA_BUNDLE")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+KEEP_DIRS_VAR = "LLAMAFLEET_KEEP_RUNNER_DIRS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +190,7 @@ def run_playbook(
             _emit(TaskEvent(host, task, status, _message(res) if status in ("failed", "unreachable") else ""))
         elif kind == "runner_item_on_ok" and action.startswith("llamafleet.cluster.") and res.get("item"):
             results.setdefault(action.rsplit(".", 1)[-1], {})[str(res["item"])] = res
-        return False  # do not keep the event on disk beyond the run
+        return keep  # do not keep the event on disk beyond the run, unless asked to (debugging)
 
     def _emit(ev: TaskEvent) -> None:
         if on_event:
@@ -191,21 +198,27 @@ def run_playbook(
 
     extra = dict(extravars or {})
     extra.setdefault("llamafleet_state_dir", str(sdir))
+    keep = bool(os.environ.get(KEEP_DIRS_VAR))
+    extravars_file = pdd / "env" / "extravars"  # where ansible-runner looks: it passes -e @<this file>
     try:
+        extravars_file.parent.mkdir(mode=0o700)
+        with os.fdopen(os.open(extravars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            json.dump(extra, fh)
         r = ansible_runner.run(
             private_data_dir=str(pdd),
             project_dir=str(PROJECT_DIR),
             playbook=str(PROJECT_DIR / "playbooks" / playbook),
             inventory=str(inv),
             limit=limit,
-            extravars=extra,
             envvars=_environment(),
             suppress_env_files=True,
             quiet=True,
             json_mode=False,
             event_handler=handle,
-            cancel_callback=(lambda: cancel.is_set()) if cancel else None,
-            settings={"suppress_ansible_output": True},
+            # never None: runner would install SIGINT/SIGTERM handlers of its own and keep them
+            cancel_callback=(lambda: cancel.is_set()) if cancel else (lambda: False),
+            # how often runner asks the callback (default 5 s)
+            settings={"suppress_ansible_output": True, "pexpect_timeout": 0.5},
         )
         stdout = ""
         try:
@@ -220,4 +233,6 @@ def run_playbook(
         return PlaybookResult(rc=rc, status=r.status, hosts=hosts, results=results, log_path=log_path,
                               stdout_tail=stdout[-6000:])
     finally:
-        shutil.rmtree(pdd, ignore_errors=True)
+        extravars_file.unlink(missing_ok=True)
+        if not keep:
+            shutil.rmtree(pdd, ignore_errors=True)

@@ -4,6 +4,11 @@ Each is one playbook run (``playbooks/<verb>.yml``) through the runner; ``follow
 every few seconds with ``status`` and, when any rank failed, a node stopped answering or no training
 step came in time, stops every rank with ``stop``. Both end with ``collect``: every node's log and
 rank 0's outputs in ``<state_dir>/runs/<run_id>/`` on the controller.
+
+The run belongs to the cluster, not to whoever follows it: a set ``cancel`` event ends following
+within a second and leaves the run going (state ``detached``; ``follow`` again later), or, with
+``stop_on_cancel``, stops every rank first (state ``stopped``). Every given run id is checked
+(``names.check_run_id``) before anything runs.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .names import check_name, check_run_id
 from .paths import state_dir
 from .runner import PlaybookResult, TaskEvent, run_playbook
 
@@ -67,7 +74,7 @@ class RunStatus:
 class TrainResult:
     ok: bool
     run_id: str | None
-    state: str  # planned | started | succeeded | failed | not-started
+    state: str  # planned | started | succeeded | failed | not-started | detached | stopped
     plan: dict[str, Any] | None
     summary: str
     status: RunStatus | None
@@ -125,34 +132,58 @@ def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
     return RunStatus(run_id, tuple(nodes), progress, started), run.failure_messages() if not run.ok else []
 
 
-def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any]) -> RunStatus:
-    """Run playbooks/<verb>.yml on every node; an error before any node answered (a bad inventory) is raised."""
-    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars))
+def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any],
+              cancel: threading.Event | None = None) -> RunStatus:
+    """Run playbooks/<verb>.yml on every node; an error before any node answered (a bad inventory) is raised.
+    A run cut short by ``cancel`` says nothing: it returns a status without nodes."""
+    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars, cancel=cancel))
+    if cancel is not None and cancel.is_set():
+        return RunStatus(st.run_id, (), None, None)
     if errors and not st.nodes:
         raise ConfigError(errors)
     return st
 
 
 def status(inventory: str | os.PathLike, run_id: str | None = None, *, log_lines: int = 20,
-           extravars: Mapping[str, Any] | None = None) -> RunStatus:
+           extravars: Mapping[str, Any] | None = None, cancel: threading.Event | None = None) -> RunStatus:
     """Where the run (default: each node's active run) stands on every node."""
-    return _run_verb("status", inventory, _extra(extravars, train_run_id=run_id or "", train_log_lines=log_lines))
+    return _run_verb("status", inventory, _extra(extravars, train_run_id=check_run_id(run_id) or "",
+                                                 train_log_lines=log_lines), cancel)
 
 
 def stop(inventory: str | os.PathLike, run_id: str | None = None, *, grace_s: int = 20,
          extravars: Mapping[str, Any] | None = None) -> RunStatus:
     """Stop every rank of the run on every node that answers (TERM, then KILL)."""
-    return _run_verb("stop", inventory, _extra(extravars, train_run_id=run_id or "", train_stop_grace_s=grace_s))
+    return _run_verb("stop", inventory, _extra(extravars, train_run_id=check_run_id(run_id) or "",
+                                               train_stop_grace_s=grace_s))
 
 
-def collect(inventory: str | os.PathLike, run_id: str, *, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
+def active_run_id(inventory: str | os.PathLike, extravars: Mapping[str, Any] | None = None) -> str:
+    """The run the nodes hold as active (the last one started); ConfigError when there is none."""
+    st = status(inventory, None, log_lines=0, extravars=extravars)
+    if not st.run_id:
+        raise ConfigError(f"no run is active on the nodes of {inventory}; pass its run id (the run directories "
+                          "under <state_dir>/runs and on the nodes' <root>/runs are named by it)")
+    return st.run_id
+
+
+def collect(inventory: str | os.PathLike, run_id: str | None = None, *,
+            extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Copy every node's run directory (logs, exit code; rank 0's adapter, trainer_log.jsonl, loss plot,
-    all_results.json; no checkpoints) into ``<state_dir>/runs/<run_id>/nodes/<node>``."""
+    all_results.json; no checkpoints) into ``<state_dir>/runs/<run_id>/nodes/<node>``.
+    ``run_id`` None: the nodes' active run."""
+    run_id = check_run_id(run_id) or active_run_id(inventory, extravars)
     run_playbook("collect.yml", inventory, verb="collect", extravars=_extra(extravars, train_run_id=run_id))
     return outputs(run_id, extravars)
 
 
+def run_dir(run_id: str, extravars: Mapping[str, Any] | None = None) -> str:
+    """The run's directory on the controller."""
+    return str(state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / check_name(run_id, "run id"))
+
+
 def outputs(run_id: str, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
+    check_name(run_id, "run id")
     base = state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / run_id
     found: dict[str, str] = {}
     for out in sorted(base.glob("nodes/*/output")):
@@ -178,15 +209,24 @@ def _telling_lines(lines: tuple[str, ...], keep: int = 10) -> list[str]:
     return useful[-keep:]
 
 
-def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float = 900, poll_s: float = 5,
-           extravars: Mapping[str, Any] | None = None,
-           on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
-    """Watch the run until every rank exited. A rank that fails, a node that stops answering, or no
-    training step within ``start_timeout_s`` (a peer that never reached the rendezvous) stops every rank."""
+def follow(inventory: str | os.PathLike, run_id: str | None = None, *, start_timeout_s: float = 900,
+           poll_s: float = 5, extravars: Mapping[str, Any] | None = None,
+           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
+           stop_on_cancel: bool = False) -> TrainResult:
+    """Watch the run (None: the nodes' active run) until every rank exited. A rank that fails, a node that
+    stops answering, or no training step within ``start_timeout_s`` (a peer that never reached the
+    rendezvous) stops every rank. ``cancel`` set: following ends within a second and the run goes on
+    (state ``detached``), or with ``stop_on_cancel`` every rank is stopped (state ``stopped``)."""
+    run_id = check_run_id(run_id) or active_run_id(inventory, extravars)
     t0 = time.time()
     errors: list[str] = []
+    st = RunStatus(run_id, (), None, None)
     while True:
-        st = status(inventory, run_id, log_lines=60, extravars=extravars)
+        if cancel is not None and cancel.is_set():
+            return _cancelled(inventory, run_id, st, stop_on_cancel, extravars)
+        st = status(inventory, run_id, log_lines=60, extravars=extravars, cancel=cancel)
+        if cancel is not None and cancel.is_set():  # cut short: what it saw says nothing about the run
+            return _cancelled(inventory, run_id, st, stop_on_cancel, extravars)
         if on_status:
             on_status(st)
         if st.succeeded:
@@ -211,13 +251,28 @@ def follow(inventory: str | os.PathLike, run_id: str, *, start_timeout_s: float 
                           "before training; every rank was stopped. See the node logs.")
             stop(inventory, run_id, extravars=extravars)
             break
-        time.sleep(poll_s)
+        if cancel is not None:
+            cancel.wait(poll_s)
+        else:
+            time.sleep(poll_s)
     outs = collect(inventory, run_id, extravars=extravars)
     final = status(inventory, run_id, log_lines=0, extravars=extravars)
-    run_dir = str(state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / run_id)
     return TrainResult(ok=state == "succeeded", run_id=run_id, state=state, plan=None, summary="",
                        status=RunStatus(final.run_id, final.nodes, st.progress, final.started_at),
-                       errors=tuple(errors), run_dir=run_dir, outputs=outs, log_path=None)
+                       errors=tuple(errors), run_dir=run_dir(run_id, extravars), outputs=outs, log_path=None)
+
+
+def _cancelled(inventory: str | os.PathLike, run_id: str, last: RunStatus, stop_on_cancel: bool,
+               extravars: Mapping[str, Any] | None) -> TrainResult:
+    """Following ended by ``cancel``: the run goes on (detached), or every rank is stopped and the logs collected."""
+    if not stop_on_cancel:
+        return TrainResult(ok=False, run_id=run_id, state="detached", plan=None, summary="",
+                           status=last if last.nodes else None, errors=(), run_dir=None, outputs={}, log_path=None)
+    final = stop(inventory, run_id, extravars=extravars)
+    outs = collect(inventory, run_id, extravars=extravars)
+    return TrainResult(ok=False, run_id=run_id, state="stopped", plan=None, summary="", status=final,
+                       errors=("interrupted: every rank was stopped",), run_dir=run_dir(run_id, extravars),
+                       outputs=outs, log_path=None)
 
 
 def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: str = "torchrun",
@@ -226,13 +281,20 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
           workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
           start_timeout_s: float = 900, poll_s: float = 5, env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
-          on_status: Callable[[RunStatus], None] | None = None) -> TrainResult:
+          on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
+          stop_on_cancel: bool = False) -> TrainResult:
     """Validate, plan, sync, check and start ``config`` on every node (``playbooks/train.yml``);
-    with ``follow_run``, then follow it to its end and collect its outputs.
+    with ``follow_run``, then follow it to its end and collect its outputs. ``cancel`` set while the
+    ranks start lets the start finish (all or nothing), then ends following (see ``follow``).
 
     Relative paths in the yaml are relative to ``workdir`` (default: this process's working directory),
     as ``llamafactory-cli`` reads them. ``model_source`` (auto, controller, nodes, hub) and ``hub_fetch``
     (nodes, controller) override the inventory's train_model_source and train_hub_fetch."""
+    check_run_id(run_id, "run id (--run-id)")
+    if (extravars or {}).get("train_job"):
+        from .launchplan import job_name
+
+        job_name(config, str(extravars["train_job"]))
     if not Path(config).is_file():
         raise ConfigError(f"training config {config} does not exist: pass the path of your LLaMA-Factory yaml")
     workdir = Path(workdir or os.getcwd()).resolve()
@@ -262,5 +324,5 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
         return TrainResult(ok=True, run_id=rid, state="started", plan=plan, summary=summary, status=None, errors=(),
                            run_dir=None, outputs={}, log_path=str(run.log_path))
     done = follow(inventory, rid, start_timeout_s=start_timeout_s, poll_s=poll_s, extravars=extravars,
-                  on_status=on_status)
+                  on_status=on_status, cancel=cancel, stop_on_cancel=stop_on_cancel)
     return dataclasses.replace(done, plan=plan, summary=summary, log_path=str(run.log_path))

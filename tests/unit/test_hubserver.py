@@ -224,6 +224,10 @@ def test_a_configured_token_is_required_and_reaches_the_server(hub, tmp_path):
         with pytest.raises(HfHubHTTPError) as raised:
             hf_hub_download("org/model", "config.json", endpoint=hub.url, cache_dir=tmp_path / "c", token=token)
         assert raised.value.response.status_code == 401
+    # a request is recorded once its answer is sent: the client may have read the answer a moment before
+    deadline = time.monotonic() + 5
+    while len(hub.request_log()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert {(r.bearer_token, r.status) for r in hub.request_log()} == {(None, 401), ("hf_wrong", 401)}
 
     hub.clear_request_log()

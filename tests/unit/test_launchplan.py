@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from llamafleet import inventory, launchplan, lock
+from llamafleet.errors import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -95,4 +96,30 @@ def test_secret_looking_environment_is_not_printed(job, cluster, tmp_path):
     assert "s3cr3t-value" not in text and "WANDB_API_KEY=***" in text and "NCCL_P2P_DISABLE=1" in text
     assert "hf_s3cr3t" not in text and "HF_TOKEN=***" in text
     assert "TOKENIZERS_PARALLELISM=false" in text  # a setting, not a token
-    assert "s3cr3t-value" in plan.nodes["a"].files["node.env"]  # the node still gets it
+    # the values travel apart, to the train module's no_log option: the plan holds *** or nothing
+    dumped = json.dumps(plan.to_dict())
+    assert "s3cr3t" not in dumped and plan.nodes["a"].env["HF_TOKEN"] == "***"
+    assert "HF_TOKEN" not in plan.nodes["a"].files["node.env"] and "NCCL_P2P_DISABLE=1" in plan.nodes["a"].files["node.env"]
+    assert launchplan.split_secrets({"HF_TOKEN": "hf_s3cr3t", "TOKENIZERS_PARALLELISM": "false", "RETRIES": 3}) == (
+        {"TOKENIZERS_PARALLELISM": "false", "RETRIES": 3}, {"HF_TOKEN": "hf_s3cr3t"})
+
+
+@pytest.mark.parametrize("job_name", ["..", ".", "../x", "a/b", "---", ".hidden", "-rf", "a..b"])
+def test_a_bad_job_name_is_one_error_and_touches_nothing(job, cluster, tmp_path, job_name):
+    state = tmp_path / "s"
+    (state / "stage").mkdir(parents=True)
+    (state / "keep").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=state, job=job_name)
+    msg = str(err.value)
+    assert msg.startswith("train_job") and "letters, digits" in msg, msg
+    assert repr(job_name) in msg or "normalised" in msg, msg
+    assert (state / "keep").read_text() == "x" and not list((state / "stage").iterdir())
+
+
+@pytest.mark.parametrize("run_id", ["..", "a/../b", "/etc", ".x", "-x", "a b"])
+def test_a_bad_run_id_is_one_error(job, cluster, tmp_path, run_id):
+    with pytest.raises(ConfigError, match="run id"):
+        launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s",
+                             run_id=run_id)
+    assert not (tmp_path / "s" / "stage").exists()

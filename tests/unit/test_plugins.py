@@ -115,3 +115,62 @@ def probe_interface(addr):
     # the module's helpers, without running the module (main() needs Ansible's arguments)
     exec(compile(code.split("\ndef main():")[0], "train.py", "exec"), ns)
     return ns["_interface_to"](addr)
+
+
+def module_helpers():
+    code = (PROJECT / "collections/ansible_collections/llamafleet/cluster/plugins/modules/train.py").read_text()
+    ns: dict = {}
+    exec(compile(code.split("\ndef main():")[0], "train.py", "exec"), ns)
+    return ns
+
+
+@pytest.fixture
+def sleeper():
+    """A process of its own group that is not any run's (no LLAMAFLEET_RUN_ID): a pid a reboot could reuse."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _run_dir(tmp_path, run_id, pid, start):
+    run_dir = tmp_path / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "pid").write_text(str(pid))
+    if start is not None:
+        (run_dir / "pid_start").write_text(start)
+    return run_dir
+
+
+@pytest.mark.parametrize("recorded", ["wrong", "", None], ids=["other start time", "empty", "none recorded"])
+def test_a_pid_that_is_no_longer_the_run_is_never_signalled(tmp_path, sleeper, recorded):
+    m = module_helpers()
+    run_id = "r-%d" % sleeper.pid
+    start = m["_identity"](sleeper.pid)
+    # what a reused pid looks like: the recorded start time is another process's (or there is none)
+    _run_dir(tmp_path, run_id, sleeper.pid, None if recorded is None else (recorded and start.replace(
+        start.split()[0], str(int(start.split()[0]) + 1), 1)))
+    assert m["_stop"](str(tmp_path), run_id, 1) is False
+    assert sleeper.poll() is None, "a process that is not the run's was signalled"
+    assert m["_run_state"](str(tmp_path), run_id)["state"] == "lost"
+
+
+def test_the_started_pid_is_stopped_while_its_start_time_matches(tmp_path, sleeper):
+    m = module_helpers()
+    run_id = "r-%d" % sleeper.pid
+    start = m["_identity"](sleeper.pid)
+    assert start.split()[0] == open("/proc/%d/stat" % sleeper.pid).read().rsplit(")", 1)[1].split()[19]
+    _run_dir(tmp_path, run_id, sleeper.pid, start)
+    assert m["_run_state"](str(tmp_path), run_id)["state"] == "running"
+    assert m["_stop"](str(tmp_path), run_id, 5) is True
+    assert sleeper.wait(5) == -15  # TERM, via its process group
+    assert m["_run_state"](str(tmp_path), run_id)["state"] == "stopped"
+
+
+def test_secret_env_and_name_checks_use_the_packages_rules():
+    env = {"HF_TOKEN": "hf_x", "WANDB_API_KEY": 123, "TOKENIZERS_PARALLELISM": "false", "NCCL_P2P_DISABLE": "1"}
+    assert train_filters.secret_env(env) == {"HF_TOKEN": "hf_x", "WANDB_API_KEY": "123"}
+    assert train_filters.secret_env(None) == {}
+    assert train_filters.name_problems({"train_run_id": "", "train_job": "sft"}) == []
+    problems = train_filters.name_problems({"train_run_id": "..", "train_job": "a/b"})
+    assert len(problems) == 2 and problems[0].startswith("train_run_id '..'") and "train_job 'a/b'" in problems[1]

@@ -1,7 +1,25 @@
 # -*- coding: utf-8 -*-
-"""A launch across nodes: the transfers the sync action makes, and which nodes did not start, and why."""
+"""A launch across nodes: the transfers the sync action makes, which nodes did not start, and why; the
+secret part of train_env and the run id / job name checks, by the llamafleet package's one rule each."""
 
 from __future__ import annotations
+
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401
+
+from llamafleet.launchplan import split_secrets
+from llamafleet.names import name_problem
+
+
+def secret_env(env):
+    """The variables of ``env`` whose values are secrets (``launchplan.is_secret``), as strings: for the
+    train module's no_log option only; the plan holds ``***`` for them."""
+    return split_secrets(env if isinstance(env, dict) else {})[1]
+
+
+def name_problems(values):
+    """One message per run id or job name of ``values`` (setting name to value) that cannot name a
+    directory (``names.name_problem``); empty values (= the default) pass."""
+    return [p for p in (name_problem(v, k) for k, v in values.items() if v not in (None, "")) if p]
 
 
 def failed_starts(hostvars, hosts):
@@ -44,4 +62,5 @@ def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
 class FilterModule:
     def filters(self):
         return {"failed_starts": failed_starts, "inputs_transfers": inputs_transfers,
-                "checkpoint_transfers": checkpoint_transfers, "collect_transfers": collect_transfers}
+                "checkpoint_transfers": checkpoint_transfers, "collect_transfers": collect_transfers,
+                "secret_env": secret_env, "name_problems": name_problems}

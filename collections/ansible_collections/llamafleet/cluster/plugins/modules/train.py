@@ -14,10 +14,11 @@ description:
     exist, there must be disk, and on the master the rendezvous port must be free. It reports the run's last
     complete checkpoint on this node (for a resume), the fingerprint of the model directory the run reads
     (C(model_check)), and which of the run's hub repositories this node's cache still lacks (C(hub_items)).
-  - C(started) writes the run directory (yaml, environment, hostfile, launch script) and starts training detached
-    from the SSH session. First a real TCP check of the rendezvous port between the nodes. The master listens on
-    it until every worker has connected. A worker connects to the master's training address. Nothing starts on a
-    node whose check fails.
+  - C(started) writes the run directory (mode 0700: yaml, environment, hostfile, launch script) and starts training
+    detached from the SSH session. It records the launcher's pid and the process's start time beside it; a stop
+    signals that pid only while it is still that process (pids are reused, and after a reboot). First a real TCP
+    check of the rendezvous port between the nodes. The master listens on it until every worker has connected.
+    A worker connects to the master's training address. Nothing starts on a node whose check fails.
   - C(status) reports whether the run is running, its exit code, the log's last lines and rank 0's progress.
   - C(stopped) stops every process of the run (its process group and any process carrying its run id), TERM then KILL.
 version_added: "0.1.0"
@@ -46,6 +47,11 @@ options:
     default: {}
   files:
     description: Run directory files to write (name to content).
+    type: dict
+    default: {}
+  secret_env:
+    description: With C(started), secret environment variables (name to value, e.g. HF_TOKEN). They are appended to
+      C(node.env) (mode 0600) and go nowhere else; never logged.
     type: dict
     default: {}
   command:
@@ -164,6 +170,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -177,6 +184,8 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import no
 
 ACTIVE = "active"
 RUN_ID_VAR = "LLAMAFLEET_RUN_ID"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _alive(pid):
@@ -185,6 +194,17 @@ def _alive(pid):
             return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def _identity(pid):
+    """What tells this process from a later one with its pid: its start time (field 22 of /proc/PID/stat,
+    clock ticks since boot) and the boot's id. None when there is no such process."""
+    stat = _read("/proc/%d/stat" % pid)
+    try:
+        start = stat.rsplit(")", 1)[1].split()[19]
+    except (AttributeError, IndexError):
+        return None
+    return "%s %s" % (start, (_read(BOOT_ID, "") or "").strip())
 
 
 def _read(path, default=None):
@@ -197,9 +217,14 @@ def _read(path, default=None):
 
 def _write(path, text, mode=0o644):
     tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    # created with its mode: a secret is never readable by others, not even for a moment
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as fh:
         fh.write(text)
-    os.chmod(tmp, mode)
+    os.chmod(tmp, mode)  # whatever the umask
     os.replace(tmp, path)
 
 
@@ -212,8 +237,9 @@ def _sha256(path):
 
 
 def _run_processes(run_id, pgid=None):
-    """Pids of the run: its process group, and any process whose environment carries its run id
-    (a launcher that started a new session cannot escape the stop)."""
+    """The run's processes (pid to ``_identity``): its process group (``pgid``: a leader ``_leader`` vouched
+    for), and any process whose environment carries its run id (a launcher that started a new session
+    cannot escape the stop)."""
     marker = ("%s=%s" % (RUN_ID_VAR, run_id)).encode()
     found = set()
     for entry in os.listdir("/proc"):
@@ -230,7 +256,31 @@ def _run_processes(run_id, pgid=None):
         except (OSError, ProcessLookupError):
             continue
     found.discard(os.getpid())
-    return {p for p in found if _alive(p)}
+    return {p: _identity(p) for p in found if _alive(p)}
+
+
+def _leader(run_dir):
+    """The pid the run started (its process group leader) while it is still that process: the start time
+    recorded beside it at the start must match. 0 when it is gone, reused, or was recorded without one."""
+    pid = int((_read(os.path.join(run_dir, "pid"), "0") or "0").strip() or 0)
+    recorded = (_read(os.path.join(run_dir, "pid_start"), "") or "").strip()
+    return pid if pid and recorded and _identity(pid) == recorded else 0
+
+
+def _signal(leader, procs, sig):
+    """``sig`` to the group of ``leader`` (a pid ``_leader`` just vouched for, or 0) and to each process found,
+    each checked again just before: still the same process."""
+    if leader:
+        try:
+            os.killpg(leader, sig)
+        except OSError:
+            pass
+    for p, identity in procs.items():
+        if identity is not None and _identity(p) == identity:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
 
 
 def _active_run(root):
@@ -244,7 +294,9 @@ def _run_state(root, run_id, log_lines=20, progress_file=None):
     pid = int((_read(os.path.join(run_dir, "pid"), "0") or "0").strip() or 0)
     rc_text = _read(os.path.join(run_dir, "rc"))
     stopped = os.path.exists(os.path.join(run_dir, "stopped"))
-    running = bool(pid) and (_alive(pid) or bool(_run_processes(run_id, pgid=pid)))
+    leader = _leader(run_dir)
+    # a pid that is no longer the process started (reused, rebooted) is not the run
+    running = bool(pid) and ((bool(leader) and _alive(leader)) or bool(_run_processes(run_id, pgid=leader or None)))
     if running:
         state = "running"
     elif stopped:
@@ -292,26 +344,18 @@ def _last_checkpoint(output_dir):
 
 
 def _stop(root, run_id, grace):
+    """TERM, then KILL, to the run's processes; a signal goes only to a process that is still the one found."""
     run_dir = os.path.join(root, "runs", run_id)
-    pid = int((_read(os.path.join(run_dir, "pid"), "0") or "0").strip() or 0)
-    procs = _run_processes(run_id, pgid=pid or None)
+    leader = _leader(run_dir)
+    procs = _run_processes(run_id, pgid=leader or None)
     if not procs:
         return False
     _write(os.path.join(run_dir, "stopped"), str(time.time()))
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        if pid:
-            try:
-                os.killpg(pid, sig)
-            except OSError:
-                pass
-        for p in procs:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
+        _signal(_leader(run_dir), procs, sig)
         deadline = time.time() + wait
         while time.time() < deadline:
-            procs = _run_processes(run_id, pgid=pid or None)
+            procs = _run_processes(run_id, pgid=_leader(run_dir) or None)
             if not procs:
                 return True
             time.sleep(0.2)
@@ -511,9 +555,14 @@ def _start(module, p, host):
     replaced = _replaced_run(p)
     if replaced:
         _stop(root, replaced, p["grace_s"])
+    bad = [k for k in p["secret_env"] if not ENV_NAME.match(k)]
+    if bad:
+        module.fail_json(msg="%s: secret environment variable name %r is not valid in a shell; use letters, digits "
+                             "and _ (train_env)" % (host, bad[0]))
     if p["workers"] and p["master_addr"]:
         _rendezvous_check(module, p, host)
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)  # it holds node.env with the run's secrets
     files = dict(p["files"])
     if p["resume_checkpoint"]:
         ckpt = os.path.join(run_dir, "output", p["resume_checkpoint"])
@@ -531,10 +580,14 @@ def _start(module, p, host):
         if ifname:
             files["node.env"] = env_text + "# found on this node: the interface that reaches the master\n" \
                 "export GLOO_SOCKET_IFNAME=%s\n" % shlex.quote(ifname)
+    if p["secret_env"]:
+        # only here: the plan, the logs and what is collected hold *** or nothing for them
+        files["node.env"] = files.get("node.env", "") + "# secrets of train_env: in this file only\n" + "".join(
+            "export %s=%s\n" % (k, shlex.quote(str(v))) for k, v in sorted(p["secret_env"].items()))
     for name, content in files.items():
         if "/" in name or name.startswith("."):
             module.fail_json(msg="bad run file name %r" % name)
-        _write(os.path.join(run_dir, name), content)
+        _write(os.path.join(run_dir, name), content, 0o600 if name == "node.env" else 0o644)
     script = "\n".join([
         "#!/bin/sh",
         "# Generated by llamafleet: starts this node's part of run %s." % run_id,
@@ -547,7 +600,7 @@ def _start(module, p, host):
         "",
     ])
     _write(os.path.join(run_dir, "launch.sh"), script, 0o755)
-    for stale in ("rc", "stopped", "pid"):
+    for stale in ("rc", "stopped", "pid", "pid_start"):
         if os.path.exists(os.path.join(run_dir, stale)):
             os.unlink(os.path.join(run_dir, stale))
     env = {k: v for k, v in os.environ.items() if k in ("HOME", "USER", "LANG", "LC_ALL", "TERM")}
@@ -556,6 +609,8 @@ def _start(module, p, host):
         proc = subprocess.Popen(["/bin/sh", os.path.join(run_dir, "launch.sh")], cwd=run_dir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # survives the SSH session; its pid is the group id
+    # the start time first: a pid without one is never signalled
+    _write(os.path.join(run_dir, "pid_start"), _identity(proc.pid) or "")
     _write(os.path.join(run_dir, "pid"), str(proc.pid))
     _write(os.path.join(run_dir, "started_at"), str(time.time()))
     _write(os.path.join(root, "runs", ACTIVE), run_id)
@@ -576,6 +631,7 @@ def main():
             inputs_dir=dict(type="path"),
             manifest=dict(type="dict", default={}),
             files=dict(type="dict", default={}),
+            secret_env=dict(type="dict", default={}, no_log=True),
             command=dict(type="list", elements="str", default=[]),
             master=dict(type="bool", default=False),
             master_addr=dict(type="str", default=""),

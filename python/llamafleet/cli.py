@@ -216,7 +216,8 @@ def _train(args, console) -> int:
     kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
                   dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
                   follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra),
-                  workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch)
+                  workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch,
+                  shared_output=args.shared_output)
     with Interrupts() as interrupts:
         kwargs.update(cancel=interrupts.event, stop_on_cancel=args.stop_on_interrupt)
         if args.json or not console.is_terminal:
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--follow", action="store_true", help="follow the run: progress, stop all ranks if one fails, collect outputs")
     t.add_argument("--shared-inputs", action="store_true", help="data is already on every node at the same paths (NFS): verify, do not copy")
     t.add_argument("--no-sync-model", action="store_true", help="do not copy a local model directory to the nodes")
+    t.add_argument("--shared-output", action="store_true", help="the yaml's output_dir (absolute) is on storage every "
+                   "node shares: rank 0 writes it, resume reads it in place (checked at start)")
     t.add_argument("--workdir", help="directory the yaml's relative paths start from, as for llamafactory-cli "
                    "(default: the current directory, e.g. the root of your LLaMA-Factory checkout)")
     t.add_argument("--model-source", choices=["auto", "controller", "nodes", "hub"],

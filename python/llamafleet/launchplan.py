@@ -91,6 +91,10 @@ class LaunchPlan:
     hub_endpoint: str = ""  # where the nodes fetch them from (HF_ENDPOINT)
     # the yaml's keys and template, checked against every node's LLaMA-Factory before any rank starts
     arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # output_dir on storage every node shares (None: each node's run directory); rank 0 writes it, every
+    # node must see the marker the master writes there (output_token) before anything starts
+    shared_output_dir: str | None = None
+    output_token: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,7 +238,8 @@ def _pin_hub(cfg: trainconfig.TrainingConfig, fetch: str, env: dict[str, str], d
     return pinned
 
 
-def _inputs(cfg: trainconfig.TrainingConfig, pinned: _Hub, shared: bool) -> list[dict[str, str]]:
+def _inputs(cfg: trainconfig.TrainingConfig, pinned: _Hub, shared: bool,
+            shared_output: str | None) -> list[dict[str, str]]:
     """Every input the yaml names, resolved against the working directory, with where it comes from."""
     synced = "controller, verified in place on every node" if shared else "controller, synced"
     m = cfg.model
@@ -265,8 +270,12 @@ def _inputs(cfg: trainconfig.TrainingConfig, pinned: _Hub, shared: bool) -> list
         source = {"controller": synced, "nodes": "nodes: used where it is",
                   "run": "written by rank 0 into the run directory"}[ref.source]
         rows.append({"key": ref.key, "value": ref.value, "resolved": ref.path, "source": source})
-    rows.append({"key": "output_dir", "value": str(cfg.data.get("output_dir")), "resolved": "<root>/runs/<run_id>/output",
-                 "source": "written on the nodes, collected to the controller"})
+    if shared_output:
+        rows.append({"key": "output_dir", "value": str(cfg.data.get("output_dir")), "resolved": shared_output,
+                     "source": "shared storage: rank 0 writes it, every node reads it in place, collected once"})
+    else:
+        rows.append({"key": "output_dir", "value": str(cfg.data.get("output_dir")),
+                     "resolved": "<root>/runs/<run_id>/output", "source": "written on the nodes, collected to the controller"})
     return rows
 
 
@@ -325,6 +334,16 @@ def _manifest(cfg: trainconfig.TrainingConfig, state: Path, job: str, shared_inp
     return manifest, stage_dir, hub_paths
 
 
+def _shared_output(cfg: trainconfig.TrainingConfig) -> str:
+    """The yaml's output_dir as every node sees it on shared storage: an absolute path (a relative one would
+    be relative to each node's own working directory)."""
+    value = cfg.data.get("output_dir")
+    if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
+        raise ConfigError(f"{cfg.path}: output_dir: is {value!r}; with shared output it must be the absolute path "
+                          "every node sees on the shared storage (e.g. /nfs/saves/qwen3-lora)")
+    return os.path.normpath(os.path.expanduser(value))
+
+
 # a node's hub cache, under its llamafleet root (HF_HOME is <root>/cache/huggingface)
 HUB_CACHE = "cache/huggingface/hub"
 
@@ -332,6 +351,7 @@ HUB_CACHE = "cache/huggingface/hub"
 def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, state_dir: str | os.PathLike,
               workdir: str | os.PathLike | None = None, launcher: str = "torchrun", master_port: int = 29500,
               run_id: str | None = None, job: str | None = None, shared_inputs: bool = False, sync_model: bool = True,
+              shared_output: bool = False,
               model_source: str = "auto", hub_fetch: str = "nodes", fetch_now: bool = True, cpus: int | None = None,
               extra_env: dict[str, str] | None = None) -> LaunchPlan:
     """Validate ``config`` (relative paths from ``workdir``, default this process's), pin its hub inputs,
@@ -359,6 +379,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
     pinned = _pin_hub(cfg, hub_fetch, extra_env, state / HUB_CACHE if fetch_now else None)
     model_synced = bool(cfg.model_dir) and sync_model
     manifest, stage_dir, hub_paths = _manifest(cfg, state, job, shared_inputs, model_synced, pinned)
+    shared_output = _shared_output(cfg) if shared_output else None
     nodes: dict[str, NodeLaunch] = {}
     hostfile_text = launch.render_hostfile(cluster, cpu_only)
     for node in cluster.nodes:
@@ -369,7 +390,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         cache_dir = f"{root}/{HUB_CACHE}"
         model_path, model_check = _node_model(cfg, pinned, cache_dir, inputs_dir, model_synced)
         data = trainconfig.rewrite_for_node(cfg, inputs_dir, run_dir=run_dir, model_path=model_path,
-                                            shared_inputs=shared_inputs)
+                                            shared_inputs=shared_inputs, output_dir=shared_output)
         env = launch.node_env(cluster, node, master_port=master_port, cpu_only=cpu_only, venv=venv,
                               hf_home=f"{root}/cache/huggingface", mplconfigdir=f"{root}/cache/matplotlib", cpus=cpus,
                               extra={"TORCH_EXTENSIONS_DIR": f"{root}/cache/torch_extensions",
@@ -395,5 +416,6 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
     return LaunchPlan(run_id=run_id, job=job, launcher=launcher, config=config, master_addr=cluster.master.train_addr,
                       master_port=master_port, shared_inputs=shared_inputs, stage_dir=stage_dir, manifest=manifest,
                       plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings),
-                      workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs)),
-                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint, arguments=arguments)
+                      workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs, shared_output)),
+                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint, arguments=arguments,
+                      shared_output_dir=shared_output, output_token=secrets.token_hex(16) if shared_output else "")

@@ -850,13 +850,14 @@ def node_dataset_info(cfg: TrainingConfig, hub_paths: dict[str, str] | None = No
 
 
 def rewrite_for_node(cfg: TrainingConfig, node_job_dir: str, *, run_dir: str, model_path: str | None = None,
-                     shared_inputs: bool = False) -> dict[str, Any]:
+                     shared_inputs: bool = False, output_dir: str | None = None) -> dict[str, Any]:
     """The training yaml for a node whose job directory is ``node_job_dir`` (absolute), as a dict.
 
     Every path becomes absolute, so the node may start training from any working directory: inputs
     from the controller under the job directory (or, with ``shared_inputs``, at their own paths),
-    the model at ``model_path`` (default: where its source puts it), ``output_dir`` and a missing
-    ``tokenized_path`` in the run directory. All other keys are the user's.
+    the model at ``model_path`` (default: where its source puts it), ``output_dir`` (default: in the run
+    directory; a shared one is given) and a missing ``tokenized_path`` in the run directory. All other keys
+    are the user's.
     """
     data = dict(cfg.data)
     synced = not shared_inputs
@@ -865,7 +866,7 @@ def rewrite_for_node(cfg: TrainingConfig, node_job_dir: str, *, run_dir: str, mo
         return os.path.join(node_job_dir, rel) if synced else path
 
     data["dataset_dir"] = place(NODE_DATA_DIR, cfg.dataset_dir)
-    data["output_dir"] = os.path.join(run_dir, NODE_OUTPUT_DIR)
+    data["output_dir"] = output_dir or os.path.join(run_dir, NODE_OUTPUT_DIR)
     if cfg.deepspeed_path:
         data["deepspeed"] = place(os.path.join(NODE_DEEPSPEED_DIR, os.path.basename(cfg.deepspeed_path)),
                                   cfg.deepspeed_path)

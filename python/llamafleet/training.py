@@ -277,8 +277,8 @@ def _cancelled(inventory: str | os.PathLike, run_id: str, last: RunStatus, stop_
 
 def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: str = "torchrun",
           master_port: int | None = None, run_id: str | None = None, replace: bool = False, dry_run: bool = False,
-          shared_inputs: bool = False, sync_model: bool = True, follow_run: bool = False,
-          workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
+          shared_inputs: bool = False, shared_output: bool = False, sync_model: bool = True,
+          follow_run: bool = False, workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
           start_timeout_s: float = 900, poll_s: float = 5, env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
@@ -303,7 +303,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
                           "paths start from (--workdir)")
     ev = _extra(extravars, train_config=str(Path(config).resolve()), train_launcher=launcher,
                 train_master_port=master_port, train_run_id=run_id or "", train_replace=replace,
-                train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_sync_model=sync_model,
+                train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_shared_output=shared_output,
+                train_sync_model=sync_model,
                 train_follow=False, train_workdir=str(workdir), train_model_source=model_source,
                 train_hub_fetch=hub_fetch)
     if env:

@@ -88,6 +88,7 @@ class ActionModule(ActionBase):
                 hv.setdefault("inventory_hostname", t["host"])
                 jobs[t["host"]] = rsync_argv(hv, t["src"], t["dest"], delete=t.get("delete", True),
                                              pull=t.get("pull", False), excludes=t.get("excludes", ()),
+                                             copy_unsafe_links=t.get("copy_unsafe_links", False),
                                              ssh_args=ssh_persistence_args(hv))
             done = run_parallel(jobs)
             failed = []

@@ -29,7 +29,8 @@ class ActionModule(ActionBase):
                 a["config"], Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]), state_dir=state_dir(a["state_dir"]),
                 workdir=a.get("workdir") or None, launcher=a.get("launcher") or "torchrun",
                 master_port=int(a.get("master_port") or 29500), run_id=a.get("run_id") or None, job=a.get("job") or None,
-                shared_inputs=boolean(a.get("shared_inputs", False)), sync_model=boolean(a.get("sync_model", True)),
+                shared_inputs=boolean(a.get("shared_inputs", False)),
+                shared_output=boolean(a.get("shared_output", False)), sync_model=boolean(a.get("sync_model", True)),
                 model_source=a.get("model_source") or "auto",
                 hub_fetch=a.get("hub_fetch") or ("controller" if boolean(a.get("offline", False)) else "nodes"),
                 fetch_now=not boolean(a.get("detail", False)), extra_env=a.get("extra_env") or None)

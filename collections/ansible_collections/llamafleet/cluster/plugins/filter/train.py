@@ -53,10 +53,17 @@ def checkpoint_transfers(plan, master, checkpoint, stage, hosts):
 
 
 def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
-    """One phase: every host's run directory pulled into the controller's copy of the run (never deleting)."""
+    """One phase: every host's run directory pulled into the controller's copy of the run (never deleting).
+
+    Rank 0 writes the outputs (adapter, trainer log, loss plot, results), so only the master's output
+    directory is collected, even when it is a link to a shared one; the other ranks write only their part
+    of a checkpoint, which is never collected."""
+    def master(h):
+        return str(hostvars[h].get("llamafleet_master", False)).lower() in ("true", "1", "yes")
     return [[{"host": h, "src": "%s/runs/%s" % (hostvars[h]["llamafleet_root"], run_id),
               "dest": "%s/runs/%s/nodes/%s" % (state_dir, run_id, h), "pull": True, "delete": False,
-              "excludes": list(excludes)} for h in hosts]]
+              "copy_unsafe_links": master(h), "excludes": list(excludes) + ([] if master(h) else ["/output"])}
+             for h in hosts]]
 
 
 class FilterModule:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 
 
-def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_args=()):
+def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_args=(), copy_unsafe_links=False):
     """argv for `rsync` from the controller to the node described by ``hostvars`` (``pull``: the other way).
 
     Host keys are checked exactly as Ansible's connection checks them: the node's
@@ -14,12 +14,16 @@ def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_ar
     ``ssh_args``: options placed first, e.g. Ansible's own ControlMaster/ControlPath, so that rsync
     travels over the connection Ansible keeps open to the node (and leaves it open for Ansible).
     --itemize-changes prints one line per file transferred: no output means nothing changed.
+    ``copy_unsafe_links``: a symlink that leads out of ``src`` (a shared output directory) is copied as
+    what it points at.
     """
     # --omit-dir-times: the controller's staging tree is rebuilt (hard links) for every run, so its
     # directories are always new; only file content and times decide what is transferred and "changed".
     argv = ["rsync", "-a", "--omit-dir-times", "--mkpath", "--itemize-changes"]
     if delete:
         argv.append("--delete")
+    if copy_unsafe_links:
+        argv.append("--copy-unsafe-links")
     argv += [f"--exclude={e}" for e in excludes]
     src = src.rstrip("/") + "/"
     if hostvars.get("ansible_connection") == "local":

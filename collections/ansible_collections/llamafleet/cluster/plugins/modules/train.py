@@ -150,6 +150,15 @@ options:
   hub_cache_dir:
     description: With C(prepared), this node's hub cache directory.
     type: path
+  shared_output_dir:
+    description: With C(started), the run's output directory on storage every node shares; the run directory's
+      C(output) points at it. The master writes a marker there (C(output_token)) that every worker must see
+      during the rendezvous check, or nothing starts.
+    type: path
+  output_token:
+    description: With C(started) and C(shared_output_dir), the launch's marker content.
+    type: str
+    default: ""
 """
 
 EXAMPLES = r"""
@@ -495,7 +504,7 @@ def _rendezvous_check(module, p, host):
                 time.sleep(0.2)
         s.listen(max(64, p["workers"]))
         s.settimeout(0.2)
-        peers = []
+        peers, refusals = [], []
         try:
             while len(peers) < p["workers"] and time.time() < deadline:
                 try:
@@ -503,9 +512,20 @@ def _rendezvous_check(module, p, host):
                 except socket.timeout:
                     continue
                 peers.append(addr[0])
-                conn.close()
+                # each worker says whether it can start (e.g. it sees the shared output directory)
+                conn.settimeout(max(1.0, deadline - time.time()))
+                try:
+                    answer = conn.makefile("rb").readline(4096).decode("utf-8", "replace").strip()
+                except OSError:
+                    answer = "no: %s did not answer the rendezvous check" % addr[0]
+                finally:
+                    conn.close()
+                if answer != "ok":
+                    refusals.append(answer[len("no: "):] if answer.startswith("no: ") else answer or addr[0])
         finally:
             s.close()
+        if refusals:
+            module.fail_json(msg="%s: workers cannot start: %s; nothing was started" % (host, "; ".join(refusals)))
         if len(peers) < p["workers"]:
             module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d within %ds (from: %s); "
                                  "check llamafleet_train_addr of the master and the firewall between the nodes"
@@ -515,14 +535,69 @@ def _rendezvous_check(module, p, host):
     err = None
     while time.time() < deadline:
         try:
-            socket.create_connection((p["master_addr"], p["master_port"]), timeout=3).close()
-            return
+            conn = socket.create_connection((p["master_addr"], p["master_port"]), timeout=3)
         except OSError as exc:
             err = exc
             time.sleep(0.05)
+            continue
+        refusal = _worker_refusal(p, host, deadline)
+        try:
+            conn.sendall(("no: %s\n" % refusal if refusal else "ok\n").encode())
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if refusal:
+            module.fail_json(msg=refusal + "; nothing was started")
+        return
     module.fail_json(msg="%s: cannot reach the master's rendezvous address %s:%d (%s); check "
                          "llamafleet_train_addr of the master and the firewall between the nodes"
                          % (host, p["master_addr"], p["master_port"], err))
+
+
+def _output_marker(p):
+    return os.path.join(p["shared_output_dir"], ".llamafleet-run-%s" % p["run_id"])
+
+
+def _worker_refusal(p, host, deadline):
+    """Why this worker cannot start, told to the master over the rendezvous check (None: it can). With a
+    shared output directory, the worker must see the marker the master wrote there before it listened
+    (a network filesystem may show it a moment late)."""
+    if not p["shared_output_dir"]:
+        return None
+    marker = _output_marker(p)
+    limit = min(deadline, time.time() + 10)
+    while True:
+        if (_read(marker, "") or "").strip() == p["output_token"]:
+            return None
+        if time.time() > limit:
+            break
+        time.sleep(0.2)
+    return ("%s: the output directory %s is not the master's (it does not see the marker the master wrote there): "
+            "it is not on storage every node shares; give a shared path, or leave shared output off"
+            % (host, p["shared_output_dir"]))
+
+
+def _prepare_output(module, p, host, run_dir):
+    """With a shared output directory: create it, point the run directory's output at it, and on the master
+    write the marker every worker must see (before the rendezvous check: workers look for it during it)."""
+    target = p["shared_output_dir"]
+    link = os.path.join(run_dir, "output")
+    try:
+        os.makedirs(target, exist_ok=True)
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        if os.path.islink(link) or not os.path.exists(link):
+            if os.path.islink(link):
+                os.unlink(link)
+            os.symlink(target, link)
+        elif os.path.realpath(link) != os.path.realpath(target):
+            module.fail_json(msg="%s: %s already holds this run's output; resume it without shared output"
+                                 % (host, link))
+        if p["master"]:
+            _write(_output_marker(p), p["output_token"] + "\n", 0o600)
+    except OSError as exc:
+        module.fail_json(msg="%s: cannot use the shared output directory %s (%s); nothing was started"
+                             % (host, target, exc.strerror))
 
 
 def _interface_to(addr):
@@ -559,13 +634,15 @@ def _start(module, p, host):
     if bad:
         module.fail_json(msg="%s: secret environment variable name %r is not valid in a shell; use letters, digits "
                              "and _ (train_env)" % (host, bad[0]))
+    if p["shared_output_dir"]:
+        _prepare_output(module, p, host, run_dir)
     if p["workers"] and p["master_addr"]:
         _rendezvous_check(module, p, host)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)  # it holds node.env with the run's secrets
     files = dict(p["files"])
     if p["resume_checkpoint"]:
-        ckpt = os.path.join(run_dir, "output", p["resume_checkpoint"])
+        ckpt = os.path.join(p["shared_output_dir"] or os.path.join(run_dir, "output"), p["resume_checkpoint"])
         if not os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
             module.fail_json(msg="%s: checkpoint %s is not complete on this node; nothing was started" % (host, ckpt))
         files["train.yaml"] = files.get("train.yaml", "") + "resume_from_checkpoint: %s\n" % json.dumps(ckpt)
@@ -656,6 +733,8 @@ def main():
             model_check=dict(type="dict"),
             hub_items=dict(type="list", elements="dict", default=[]),
             hub_cache_dir=dict(type="path"),
+            shared_output_dir=dict(type="path"),
+            output_token=dict(type="str", default=""),
         ),
         supports_check_mode=False,
     )

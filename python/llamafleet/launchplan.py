@@ -334,6 +334,33 @@ def _manifest(cfg: trainconfig.TrainingConfig, state: Path, job: str, shared_inp
     return manifest, stage_dir, hub_paths
 
 
+def _check_for_stack(cfg: trainconfig.TrainingConfig, stack: Stack, state_dir: str | os.PathLike,
+                     extra_env: dict[str, str]) -> dict[str, Any]:
+    """Refuse what the nodes would refuse at start: precision this stack cannot run, and keys or a template
+    their LLaMA-Factory does not know (as the last provision or launch recorded it). Returns what the launch
+    checks again against every node."""
+    arguments = {"path": cfg.path, "keys": sorted(cfg.data), "template": cfg.data.get("template"),
+                 "allow_extra": extra_env.get("ALLOW_EXTRA_ARGS", "").lower() in ("1", "true")}
+    surface = parity.load_llamafactory(state_dir, stack.venv_name) if not arguments["allow_extra"] else None
+    problems = trainconfig.check_precision(cfg, stack.cuda is None) + trainconfig.check_arguments(
+        cfg.path, arguments["keys"], arguments["template"], surface or {}, f"the nodes' stack-{stack.hash}")
+    if problems:
+        raise ConfigError(problems)
+    return arguments
+
+
+def _model_summary(cfg: trainconfig.TrainingConfig, pinned: _Hub) -> tuple[dict[str, Any], list[str]]:
+    """The plan's record of the model (source, path or pinned commit) and the warnings about inputs."""
+    model = {"source": cfg.model.source, "value": cfg.model.value, "path": cfg.model.path,
+             "label": pinned.model.label if pinned.model else cfg.model.path or cfg.model.value,
+             **({"hub": pinned.model.to_dict(), "fetch": pinned.fetch} if pinned.model else {})}
+    warnings = list(cfg.warnings) + [f"{r.repo_id}: the sizes of its files at {r.commit} could not be listed "
+                                     "(the controller cannot reach the hub); the nodes' copies are only compared "
+                                     "with each other" for r in [pinned.model, *pinned.datasets.values()]
+                                     if r is not None and r.hub == "huggingface" and not r.files]
+    return model, warnings
+
+
 def _shared_output(cfg: trainconfig.TrainingConfig) -> str:
     """The yaml's output_dir as every node sees it on shared storage: an absolute path (a relative one would
     be relative to each node's own working directory)."""
@@ -367,13 +394,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         model_source = "nodes"
     cfg = trainconfig.load_training(config, workdir=workdir, model_source=model_source, hub=hub.hub_of(extra_env))
     cpu_only = stack.cuda is None
-    arguments = {"path": cfg.path, "keys": sorted(cfg.data), "template": cfg.data.get("template"),
-                 "allow_extra": extra_env.get("ALLOW_EXTRA_ARGS", "").lower() in ("1", "true")}
-    surface = parity.load_llamafactory(state_dir, stack.venv_name) if not arguments["allow_extra"] else None
-    problems = trainconfig.check_precision(cfg, cpu_only) + trainconfig.check_arguments(
-        cfg.path, arguments["keys"], arguments["template"], surface or {}, f"the nodes' stack-{stack.hash}")
-    if problems:
-        raise ConfigError(problems)
+    arguments = _check_for_stack(cfg, stack, state_dir, extra_env)
     plan = trainconfig.plan(cfg, cluster, cpu_only)
     state = Path(state_dir)
     pinned = _pin_hub(cfg, hub_fetch, extra_env, state / HUB_CACHE if fetch_now else None)
@@ -406,13 +427,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         nodes[node.name] = NodeLaunch(name=node.name, node_rank=node.node_rank, master=node.master,
                                       inputs_dir=inputs_dir, run_dir=run_dir, env=env, command=command, files=files,
                                       hub_cache_dir=cache_dir, model_check=model_check)
-    model = {"source": cfg.model.source, "value": cfg.model.value, "path": cfg.model.path,
-             "label": pinned.model.label if pinned.model else cfg.model.path or cfg.model.value,
-             **({"hub": pinned.model.to_dict(), "fetch": pinned.fetch} if pinned.model else {})}
-    warnings = list(cfg.warnings) + [f"{r.repo_id}: the sizes of its files at {r.commit} could not be listed "
-                                     "(the controller cannot reach the hub); the nodes' copies are only compared "
-                                     "with each other" for r in [pinned.model, *pinned.datasets.values()]
-                                     if r is not None and r.hub == "huggingface" and not r.files]
+    model, warnings = _model_summary(cfg, pinned)
     return LaunchPlan(run_id=run_id, job=job, launcher=launcher, config=config, master_addr=cluster.master.train_addr,
                       master_port=master_port, shared_inputs=shared_inputs, stage_dir=stage_dir, manifest=manifest,
                       plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings),

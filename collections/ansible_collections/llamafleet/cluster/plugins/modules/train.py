@@ -490,48 +490,58 @@ def _rendezvous_check(module, p, host):
     the master listens on the port until every worker has connected, each worker connects from its own network."""
     deadline = time.time() + p["connect_timeout_s"]
     if p["master"]:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        while True:  # a replaced run's processes may take a moment to release the port
-            try:
-                s.bind(("", p["master_port"]))
-                break
-            except OSError as exc:
-                if time.time() > deadline - p["connect_timeout_s"] / 2:
-                    s.close()
-                    module.fail_json(msg="%s: the rendezvous port %d is already in use on the master (%s); set "
-                                         "train_master_port to a free port" % (host, p["master_port"], exc.strerror))
-                time.sleep(0.2)
-        s.listen(max(64, p["workers"]))
-        s.settimeout(0.2)
-        peers, refusals = [], []
+        _master_check(module, p, host, deadline)
+    else:
+        _worker_check(module, p, host, deadline)
+
+
+def _master_check(module, p, host, deadline):
+    """Listen on the rendezvous port until every worker connected and said it can start."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    while True:  # a replaced run's processes may take a moment to release the port
         try:
-            while len(peers) < p["workers"] and time.time() < deadline:
-                try:
-                    conn, addr = s.accept()
-                except socket.timeout:
-                    continue
-                peers.append(addr[0])
-                # each worker says whether it can start (e.g. it sees the shared output directory)
-                conn.settimeout(max(1.0, deadline - time.time()))
-                try:
-                    answer = conn.makefile("rb").readline(4096).decode("utf-8", "replace").strip()
-                except OSError:
-                    answer = "no: %s did not answer the rendezvous check" % addr[0]
-                finally:
-                    conn.close()
-                if answer != "ok":
-                    refusals.append(answer[len("no: "):] if answer.startswith("no: ") else answer or addr[0])
-        finally:
-            s.close()
-        if refusals:
-            module.fail_json(msg="%s: workers cannot start: %s; nothing was started" % (host, "; ".join(refusals)))
-        if len(peers) < p["workers"]:
-            module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d within %ds (from: %s); "
-                                 "check llamafleet_train_addr of the master and the firewall between the nodes"
-                                 % (host, len(peers), p["workers"], p["master_port"], p["connect_timeout_s"],
-                                    ", ".join(peers) or "none"))
-        return
+            s.bind(("", p["master_port"]))
+            break
+        except OSError as exc:
+            if time.time() > deadline - p["connect_timeout_s"] / 2:
+                s.close()
+                module.fail_json(msg="%s: the rendezvous port %d is already in use on the master (%s); set "
+                                     "train_master_port to a free port" % (host, p["master_port"], exc.strerror))
+            time.sleep(0.2)
+    s.listen(max(64, p["workers"]))
+    s.settimeout(0.2)
+    peers, refusals = [], []
+    try:
+        while len(peers) < p["workers"] and time.time() < deadline:
+            try:
+                conn, addr = s.accept()
+            except socket.timeout:
+                continue
+            peers.append(addr[0])
+            # each worker says whether it can start (e.g. it sees the shared output directory)
+            conn.settimeout(max(1.0, deadline - time.time()))
+            try:
+                answer = conn.makefile("rb").readline(4096).decode("utf-8", "replace").strip()
+            except OSError:
+                answer = "no: %s did not answer the rendezvous check" % addr[0]
+            finally:
+                conn.close()
+            if answer != "ok":
+                refusals.append(answer[len("no: "):] if answer.startswith("no: ") else answer or addr[0])
+    finally:
+        s.close()
+    if refusals:
+        module.fail_json(msg="%s: workers cannot start: %s; nothing was started" % (host, "; ".join(refusals)))
+    if len(peers) < p["workers"]:
+        module.fail_json(msg="%s: only %d of %d workers reached the rendezvous port %d within %ds (from: %s); "
+                             "check llamafleet_train_addr of the master and the firewall between the nodes"
+                             % (host, len(peers), p["workers"], p["master_port"], p["connect_timeout_s"],
+                                ", ".join(peers) or "none"))
+
+
+def _worker_check(module, p, host, deadline):
+    """Connect to the master's rendezvous address from this node's network; tell it whether this node can start."""
     err = None
     while time.time() < deadline:
         try:

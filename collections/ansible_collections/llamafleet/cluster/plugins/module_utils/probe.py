@@ -169,9 +169,10 @@ def probe_venv(venv, gpu_node):
                 full = json.loads(out)
                 value = {k: full[k] for k in ("nccl_torch", "nccl_torch_error") if k in full}
                 probe.update(value)
-                try:
-                    with open(cache, "w") as fh:
+                try:  # a new file, renamed over the old: never written through a hard link into another venv
+                    with open(cache + ".tmp", "w") as fh:
                         json.dump({"key": key, "value": value}, fh)
+                    os.replace(cache + ".tmp", cache)
                 except OSError:
                     pass
     return probe

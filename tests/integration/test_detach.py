@@ -17,7 +17,7 @@ import pytest
 
 from conftest import PROJECT
 from llamafleet import stop
-from test_train import job, run_processes, two_nodes, variant  # noqa: F401 (fixtures)
+from conftest import run_processes, variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXE = Path(sys.executable).parent / "llamafleet"
@@ -71,13 +71,15 @@ def terminal():
 
 
 def _follow_in_terminal(terminal, name, inv, cfg, *flags):
-    term = terminal(name, f"{EXE} train -i {shlex.quote(str(inv))} {shlex.quote(str(cfg))} --follow {' '.join(flags)}")
+    workdir = shlex.quote(str(cfg.parents[2]))  # the job's yaml paths start there (conftest's job fixture)
+    term = terminal(name, f"{EXE} train -i {shlex.quote(str(inv))} {shlex.quote(str(cfg))} --workdir {workdir} "
+                          f"--follow {' '.join(flags)}")
     run_id = term.wait_for(r"run (\S+): \S+ with the torchrun launcher", 300).group(1)
     term.wait_for(r"loss \d", 600)  # following, and rank 0 has logged a training step
     return term, run_id
 
 
-def test_ctrl_c_detaches_and_follow_reattaches(terminal, two_nodes, job, cli):  # noqa: F811
+def test_ctrl_c_detaches_and_follow_reattaches(terminal, two_nodes, job, cli):
     cfg = variant(job, "detach", max_steps=80, save_steps=1000)
     term, run_id = _follow_in_terminal(terminal, "detach", two_nodes, cfg)
     try:
@@ -102,7 +104,7 @@ def test_ctrl_c_detaches_and_follow_reattaches(terminal, two_nodes, job, cli):  
             stop(two_nodes, run_id)
 
 
-def test_ctrl_c_with_stop_on_interrupt_stops_every_rank(terminal, two_nodes, job):  # noqa: F811
+def test_ctrl_c_with_stop_on_interrupt_stops_every_rank(terminal, two_nodes, job):
     cfg = variant(job, "interrupt", max_steps=400, save_steps=1000)
     term, run_id = _follow_in_terminal(terminal, "interrupt", two_nodes, cfg, "--stop-on-interrupt")
     try:

@@ -17,7 +17,7 @@ import pytest
 
 from llamafleet import stop, train
 from llamafleet.runner import KEEP_DIRS_VAR
-from test_train import job, run_processes, two_nodes  # noqa: F401 (fixtures)
+from conftest import run_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEV_LOG = "/dev/log"
@@ -111,7 +111,7 @@ def syslog():
     log.close()
 
 
-def test_a_secret_reaches_only_the_nodes_node_env(two_nodes, job, default_stack, syslog, tmp_path,  # noqa: F811
+def test_a_secret_reaches_only_the_nodes_node_env(two_nodes, job, default_stack, syslog, tmp_path,
                                                    monkeypatch):
     _, roots = default_stack
     token = "hf_lfsecret_" + secrets.token_hex(12)
@@ -122,7 +122,7 @@ def test_a_secret_reaches_only_the_nodes_node_env(two_nodes, job, default_stack,
     sampler = Sampler(state)
     result = None
     try:
-        result = train(two_nodes, job / "sft_lora.yaml", env={"HF_TOKEN": token, "NCCL_P2P_DISABLE": "1"},
+        result = train(two_nodes, job / "sft_lora.yaml", workdir=job.parents[1], env={"HF_TOKEN": token, "NCCL_P2P_DISABLE": "1"},
                        follow_run=True, poll_s=3)
     finally:
         sampler.close()

@@ -1,7 +1,8 @@
 """A multi-node testbed on one machine: network namespaces, each running its own sshd.
 
 Every node is a network namespace on a Linux bridge with its own address, hostname (UTS
-namespace), sshd, ed25519 host key and root directory. The controller (the root namespace)
+namespace), process table (PID namespace, with an init that reaps orphans, as a real host has),
+sshd, ed25519 host key and root directory. The controller (the root namespace)
 reaches the nodes over real SSH through the bridge, with host keys checked against a
 generated known_hosts, and nodes reach each other (torch.distributed rendezvous needs it).
 Namespaces share the filesystem, users and /etc/hosts: use IPs and each node's root directory.
@@ -39,6 +40,24 @@ import yaml
 SSHD = "/usr/sbin/sshd"
 STATE_FILE = "testbed.json"
 READY_TIMEOUT_S = 20.0
+# PID 1 of a node's PID namespace: runs sshd in the foreground, reaps every orphan the node's processes leave
+# (as init does on a real host), passes TERM on, and ends with sshd (which ends the namespace).
+INIT = """
+import os, signal, sys
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda s, f: os.kill(child, signal.SIGTERM))
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        sys.exit(0)
+    except InterruptedError:
+        continue
+    if pid == child:
+        sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
 KILL_GRACE_S = 2.0
 POLL_S = 0.02
 
@@ -293,7 +312,7 @@ class Testbed:
             self._sshd_config(node).write_text(
                 f"ListenAddress {node.ip}:22\n"
                 f"HostKey {host_key}\n"
-                f"PidFile {node.pid_file}\n"
+                "PidFile none\n"  # in its own PID namespace, its pid means nothing here: the testbed writes it
                 f"AuthorizedKeysFile {authorized_keys}\n"
                 "PermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\n"
@@ -339,22 +358,26 @@ class Testbed:
         for node in self.nodes:
             node.local_source.mkdir(parents=True, exist_ok=True)
             argv = [
-                "ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c",
-                f'hostname "$1" && mount --bind "$4" "$5" && exec {SSHD} -f "$2" -E "$3"', "sh",
+                "ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount", "--propagation", "private",
+                "--pid", "--fork", "--mount-proc", "sh", "-c",
+                f'hostname "$1" && mount --bind "$4" "$5" && exec "$6" -c "$7" {SSHD} -D -f "$2" -E "$3"', "sh",
                 node.name, str(self._sshd_config(node)), str(self._sshd_log(node)),
-                str(node.local_source), str(self.local_dir),
+                str(node.local_source), str(self.local_dir), sys.executable, INIT,
             ]
             launchers[node] = subprocess.Popen(
                 argv, start_new_session=True, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
+            node.pid_file.write_text(f"{launchers[node].pid}\n")
+        time.sleep(0.3)
         for node, proc in launchers.items():
-            _, err = proc.communicate()
-            if proc.returncode != 0:
+            if proc.poll() is not None:
+                _, err = proc.communicate()
                 raise RuntimeError(
                     f"sshd of {node.name} failed to start (rc={proc.returncode}): "
                     f"{err.strip()} {self._sshd_log_tail(node)}"
                 )
+            proc.stderr.close()
 
     def _wait_ready(self) -> None:
         """Poll every node with a real `ssh true` until all accept connections."""

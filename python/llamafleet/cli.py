@@ -215,7 +215,8 @@ def _print_followed(console, args, result: training.TrainResult, interrupts: Int
 def _train(args, console) -> int:
     kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
                   dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
-                  follow_run=args.follow, start_timeout_s=args.start_timeout, extravars=_parse_extra(args.extra),
+                  follow_run=args.follow, start_timeout_s=args.start_timeout, peer_timeout_s=args.peer_timeout,
+                  stall_timeout_s=args.stall_timeout, extravars=_parse_extra(args.extra),
                   workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch,
                   shared_output=args.shared_output)
     with Interrupts() as interrupts:
@@ -230,8 +231,7 @@ def _train(args, console) -> int:
                 if result.summary:
                     console.print(result.summary, markup=False, highlight=False)
                 with TrainProgress(console) as bar:
-                    done = training.follow(args.inventory, result.run_id, start_timeout_s=args.start_timeout,
-                                           extravars=kwargs["extravars"], on_status=bar, cancel=interrupts.event,
+                    done = training.follow(args.inventory, result.run_id, extravars=kwargs["extravars"], on_status=bar, cancel=interrupts.event,
                                            stop_on_cancel=args.stop_on_interrupt)
                 import dataclasses
 
@@ -243,7 +243,7 @@ def _train(args, console) -> int:
 def _follow(args, console) -> int:
     extra = _parse_extra(args.extra)
     with Interrupts() as interrupts:
-        kw = dict(start_timeout_s=args.start_timeout, extravars=extra, cancel=interrupts.event,
+        kw = dict(extravars=extra, cancel=interrupts.event,
                   stop_on_cancel=args.stop_on_interrupt)
         if args.json or not console.is_terminal:
             result = training.follow(args.inventory, args.run_id, **kw,
@@ -328,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hub-fetch", choices=["nodes", "controller"],
                    help="who fetches hub models and datasets: every node (default; HF_ENDPOINT mirrors honoured) or "
                    "this machine once, then synced (default when the stack is offline)")
-    t.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
+    t.add_argument("--start-timeout", type=float, help="seconds without a first training step before the nodes stop "
+                   "every rank (default: train_start_timeout_s, 900)")
+    t.add_argument("--peer-timeout", type=float, help="seconds without a node's heartbeat before the nodes stop every "
+                   "rank (default: train_peer_timeout_s, 30)")
+    t.add_argument("--stall-timeout", type=float, help="seconds without progress after the first step before the "
+                   "nodes stop every rank (default: train_stall_timeout_s, 1800; 0 = never)")
     t.add_argument("--stop-on-interrupt", action="store_true",
                    help="Ctrl-C (or SIGTERM, SIGHUP) while following stops every rank; without it the run goes on")
     t.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
@@ -338,7 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-attach to a run: the same live view as train --follow. Ctrl-C detaches again.")
     f.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
     f.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
-    f.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the first training step (default 900)")
     f.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C (or SIGTERM, SIGHUP) stops every rank")
     f.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
     f.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -1,9 +1,11 @@
 """Training runs from Python: ``train``, ``follow``, ``status``, ``stop``, ``collect``, ``logs``.
 
-Each is one playbook run (``playbooks/<verb>.yml``) through the runner; ``follow`` looks at the nodes
-every few seconds with ``status`` and, when any rank failed, a node stopped answering or no training
-step came in time, stops every rank with ``stop``. Both end with ``collect``: every node's log and
-rank 0's outputs in ``<state_dir>/runs/<run_id>/`` on the controller.
+Each is one playbook run (``playbooks/<verb>.yml``) through the runner. What keeps the cluster safe is on
+the nodes: every node's supervisor (module_utils/supervisor.py) stops every rank on every node when a rank
+fails, a node's heartbeat stops, no first step comes in time or progress stalls, and writes why.
+``follow`` looks at the nodes every few seconds with ``status``, shows progress and that reason, and ends
+with ``collect``: every node's log and rank 0's outputs in ``<state_dir>/runs/<run_id>/`` on the
+controller. A node that does not answer a look (an SSH hiccup, the controller's network) stops nothing.
 
 The run belongs to the cluster, not to whoever follows it: a set ``cancel`` event ends following
 within a second and leaves the run going (state ``detached``; ``follow`` again later), or, with
@@ -37,6 +39,9 @@ class NodeRun:
     rc: int | None
     pid: int | None
     log_tail: tuple[str, ...]
+    # the node's supervisor: why the run ended there when it did not succeed, and who saw it first
+    reason: str | None = None
+    reason_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,13 @@ class RunStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the run failed, as the supervisors recorded it (the node that saw it first)."""
+        reasons = [n for n in self.nodes if n.reason]
+        first = next((n for n in reasons if n.reason_by == n.name), reasons[0] if reasons else None)
+        return first.reason if first else None
 
     def format_line(self) -> str:
         states = ", ".join(f"{n.name} {n.state}" + (f" (exit {n.rc})" if n.rc not in (None, 0) else "") for n in self.nodes)
@@ -125,7 +137,10 @@ def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
         state = r.get("state", "absent")
         if state == "exited" and r.get("rc") not in (0, None):
             state = "exited-error"
-        nodes.append(NodeRun(host, state, r.get("rc"), r.get("pid"), tuple(r.get("log_tail") or ())))
+        watch = r.get("supervisor") or {}
+        failed = watch.get("state") in ("failed", "stopped", "error") and state != "running"
+        nodes.append(NodeRun(host, state, r.get("rc"), r.get("pid"), tuple(r.get("log_tail") or ()),
+                             watch.get("reason") if failed else None, watch.get("by") if failed else None))
         run_id = run_id or r.get("run_id")
         progress = progress or r.get("progress")
         started = started or r.get("started_at")
@@ -209,16 +224,17 @@ def _telling_lines(lines: tuple[str, ...], keep: int = 10) -> list[str]:
     return useful[-keep:]
 
 
-def follow(inventory: str | os.PathLike, run_id: str | None = None, *, start_timeout_s: float = 900,
-           poll_s: float = 5, extravars: Mapping[str, Any] | None = None,
-           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
-           stop_on_cancel: bool = False) -> TrainResult:
-    """Watch the run (None: the nodes' active run) until every rank exited. A rank that fails, a node that
-    stops answering, or no training step within ``start_timeout_s`` (a peer that never reached the
-    rendezvous) stops every rank. ``cancel`` set: following ends within a second and the run goes on
-    (state ``detached``), or with ``stop_on_cancel`` every rank is stopped (state ``stopped``)."""
+def follow(inventory: str | os.PathLike, run_id: str | None = None, *, poll_s: float = 5,
+           extravars: Mapping[str, Any] | None = None, on_status: Callable[[RunStatus], None] | None = None,
+           cancel: threading.Event | None = None, stop_on_cancel: bool = False) -> TrainResult:
+    """Watch the run (None: the nodes' active run) until every rank exited, then collect its outputs.
+
+    The nodes' supervisors stop every rank when one fails (and say why); a failure seen here is also
+    answered with ``stop``, which changes nothing when they already did. A node that does not answer is
+    shown and waited for: its supervisor and its peers' decide, not one missed look. ``cancel`` set:
+    following ends within a second and the run goes on (state ``detached``), or with ``stop_on_cancel``
+    every rank is stopped (state ``stopped``)."""
     run_id = check_run_id(run_id) or active_run_id(inventory, extravars)
-    t0 = time.time()
     errors: list[str] = []
     st = RunStatus(run_id, (), None, None)
     while True:
@@ -232,24 +248,19 @@ def follow(inventory: str | os.PathLike, run_id: str | None = None, *, start_tim
         if st.succeeded:
             state = "succeeded"
             break
-        if st.failed_nodes:
+        ended = [n for n in st.failed_nodes if n.state != "unreachable"]
+        if ended:
             state = "failed"
-            for n in st.failed_nodes:
+            if st.reason:
+                errors.append(f"the run failed: {st.reason}")
+            for n in ended:
                 what = {"exited-error": f"exited with code {n.rc}", "lost": "lost its processes without an exit code",
-                        "unreachable": "stopped answering", "stopped": "was stopped",
-                        "absent": "has no such run"}[n.state]
+                        "stopped": "was stopped", "absent": "has no such run"}[n.state]
                 tail = "\n".join(f"    {line}" for line in _telling_lines(n.log_tail))
-                errors.append(f"{n.name} {what}; its last log lines:\n{tail}" if tail else f"{n.name} {what}")
-            errors.append("every other rank was stopped")
-            stop(inventory, run_id, extravars=extravars)
-            break
-        started = st.started_at or t0
-        if not st.progress and time.time() - started > start_timeout_s:
-            state = "failed"
-            errors.append(f"no training step within {start_timeout_s:g} s of the start: a node probably never reached "
-                          "the rendezvous (MASTER_ADDR/MASTER_PORT, firewall, NCCL interface) or rank 0 is stuck "
-                          "before training; every rank was stopped. See the node logs.")
-            stop(inventory, run_id, extravars=extravars)
+                errors.append(f"{n.name} {what}; its last log lines:\n{tail}" if tail and n.state != "stopped"
+                              else f"{n.name} {what}")
+            stop(inventory, run_id, extravars=extravars)  # what the supervisors did already, or could not
+            errors.append("every rank on every node was stopped")
             break
         if cancel is not None:
             cancel.wait(poll_s)
@@ -279,7 +290,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
           master_port: int | None = None, run_id: str | None = None, replace: bool = False, dry_run: bool = False,
           shared_inputs: bool = False, shared_output: bool = False, sync_model: bool = True,
           follow_run: bool = False, workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
-          start_timeout_s: float = 900, poll_s: float = 5, env: Mapping[str, str] | None = None,
+          start_timeout_s: float | None = None, peer_timeout_s: float | None = None,
+          stall_timeout_s: float | None = None, poll_s: float = 5, env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
           stop_on_cancel: bool = False) -> TrainResult:
@@ -289,7 +301,9 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
 
     Relative paths in the yaml are relative to ``workdir`` (default: this process's working directory),
     as ``llamafactory-cli`` reads them. ``model_source`` (auto, controller, nodes, hub) and ``hub_fetch``
-    (nodes, controller) override the inventory's train_model_source and train_hub_fetch."""
+    (nodes, controller) override the inventory's train_model_source and train_hub_fetch.
+    ``start_timeout_s``, ``peer_timeout_s`` and ``stall_timeout_s`` override train_start_timeout_s,
+    train_peer_timeout_s and train_stall_timeout_s: what the nodes' supervisors hold the run to."""
     check_run_id(run_id, "run id (--run-id)")
     if (extravars or {}).get("train_job"):
         from .launchplan import job_name
@@ -306,7 +320,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
                 train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_shared_output=shared_output,
                 train_sync_model=sync_model,
                 train_follow=False, train_workdir=str(workdir), train_model_source=model_source,
-                train_hub_fetch=hub_fetch)
+                train_hub_fetch=hub_fetch, train_start_timeout_s=start_timeout_s,
+                train_peer_timeout_s=peer_timeout_s, train_stall_timeout_s=stall_timeout_s)
     if env:
         ev["train_env"] = dict(env)
     run = run_playbook("train.yml", inventory, verb="train", extravars=ev, on_event=on_event)
@@ -324,6 +339,6 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
     if not follow_run:
         return TrainResult(ok=True, run_id=rid, state="started", plan=plan, summary=summary, status=None, errors=(),
                            run_dir=None, outputs={}, log_path=str(run.log_path))
-    done = follow(inventory, rid, start_timeout_s=start_timeout_s, poll_s=poll_s, extravars=extravars,
+    done = follow(inventory, rid, poll_s=poll_s, extravars=extravars,
                   on_status=on_status, cancel=cancel, stop_on_cancel=stop_on_cancel)
     return dataclasses.replace(done, plan=plan, summary=summary, log_path=str(run.log_path))

@@ -47,6 +47,19 @@ def test_each_node_has_own_hostname_and_ip(tb):
         assert node.root.is_dir()
 
 
+def test_each_node_has_its_own_process_table(tb):
+    """As on real hosts, a node sees only its own processes: a process started on node1 is not on node2."""
+    tb.ssh("node1", "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo started")
+    try:
+        seen = {n.name: tb.ssh(n, "ps -eo comm,args | grep -c '^sleep *sleep 300$' || true").stdout.strip() for n in tb.nodes}
+        assert seen["node1"] == "1" and seen["node2"] == "0", seen
+        # its PID 1 is the node's own init (which runs its sshd), not this machine's
+        init = tb.ssh("node2", "tr '\\0' ' ' < /proc/1/cmdline").stdout
+        assert "/usr/sbin/sshd -D" in init, init
+    finally:
+        tb.ssh("node1", "pkill -f '^sleep 300$' || true")
+
+
 def test_node_reaches_listener_on_another_node(tb):
     master, worker = tb.nodes[0], tb.nodes[1]
     listener = (

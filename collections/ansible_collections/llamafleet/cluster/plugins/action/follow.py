@@ -30,8 +30,7 @@ class ActionModule(ActionBase):
         def show(status):
             display.display(status.format_line())
 
-        outcome = training.follow(sources[0], a["run_id"], extravars=extra, start_timeout_s=float(a["start_timeout_s"]),
-                             poll_s=float(a["poll_s"]), on_status=show)
+        outcome = training.follow(sources[0], a["run_id"], extravars=extra, poll_s=float(a["poll_s"]), on_status=show)
         result.update(changed=False, result=outcome.to_dict(), msg=outcome.format())
         if not outcome.ok:
             result["failed"] = True

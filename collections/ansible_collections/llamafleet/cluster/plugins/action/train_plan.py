@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
@@ -40,4 +43,20 @@ class ActionModule(ActionBase):
                               + "\n".join(f"- {p}" for p in exc.problems))
             return result
         result.update(changed=False, plan=plan.to_dict(), summary=plan.format(detail=bool(a.get("detail"))))
+        if not boolean(a.get("detail", False)):
+            result["supervisor_key"] = _new_key(state_dir(a["state_dir"]), plan.run_id)
         return result
+
+
+def _new_key(base, run_id):
+    """A fresh secret for this launch's supervisors (they sign their heartbeats with it), in a file only the
+    controller's user can read: the start task reads it into a no_log option, so it is in no log or result."""
+    path = os.path.join(str(base), "runs", run_id, "supervisor.key")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path

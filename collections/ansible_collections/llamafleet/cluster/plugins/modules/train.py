@@ -159,6 +159,39 @@ options:
     description: With C(started) and C(shared_output_dir), the launch's marker content.
     type: str
     default: ""
+  node_name:
+    description: With C(started), this node's inventory name (how its supervisor names itself to its peers).
+    type: str
+    default: ""
+  peers:
+    description: With C(started), the names of the nodes this node's supervisor keeps a heartbeat with (the master
+      with every worker, a worker with the master).
+    type: list
+    elements: str
+    default: []
+  supervisor_secret:
+    description: With C(started), the launch's secret (hex) that signs the supervisors' heartbeats; written only to
+      C(supervise.json) (mode 0600); never logged.
+    type: str
+    default: ""
+  peer_timeout_s:
+    description: With C(started), seconds without a peer's heartbeat before the supervisors stop every rank.
+    type: float
+    default: 30
+  stall_timeout_s:
+    description: With C(started), seconds without progress after the first step before the master's supervisor
+      stops every rank (0 = never).
+    type: float
+    default: 1800
+  start_timeout_s:
+    description: With C(started), seconds without a first training step before the master's supervisor stops
+      every rank (0 = never).
+    type: float
+    default: 900
+  fail_grace_s:
+    description: With C(started), seconds between TERM and KILL when the supervisors stop a failed run.
+    type: float
+    default: 3
 """
 
 EXAMPLES = r"""
@@ -181,60 +214,22 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import node_facts
+from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 ACTIVE = "active"
-RUN_ID_VAR = "LLAMAFLEET_RUN_ID"
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _identity(pid):
-    """What tells this process from a later one with its pid: its start time (field 22 of /proc/PID/stat,
-    clock ticks since boot) and the boot's id. None when there is no such process."""
-    stat = _read("/proc/%d/stat" % pid)
-    try:
-        start = stat.rsplit(")", 1)[1].split()[19]
-    except (AttributeError, IndexError):
-        return None
-    return "%s %s" % (start, (_read(BOOT_ID, "") or "").strip())
-
-
-def _read(path, default=None):
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:
-        return default
-
-
-def _write(path, text, mode=0o644):
-    tmp = path + ".tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    # created with its mode: a secret is never readable by others, not even for a moment
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)  # whatever the umask
-    os.replace(tmp, path)
+_read, _write = supervisor.read, supervisor.write
 
 
 def _sha256(path):
@@ -245,55 +240,15 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _run_processes(run_id, pgid=None):
-    """The run's processes (pid to ``_identity``): its process group (``pgid``: a leader ``_leader`` vouched
-    for), and any process whose environment carries its run id (a launcher that started a new session
-    cannot escape the stop)."""
-    marker = ("%s=%s" % (RUN_ID_VAR, run_id)).encode()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            if pgid and os.getpgid(pid) == pgid:
-                found.add(pid)
-                continue
-            with open("/proc/%d/environ" % pid, "rb") as fh:
-                if marker in fh.read().split(b"\0"):
-                    found.add(pid)
-        except (OSError, ProcessLookupError):
-            continue
-    found.discard(os.getpid())
-    return {p: _identity(p) for p in found if _alive(p)}
-
-
-def _leader(run_dir):
-    """The pid the run started (its process group leader) while it is still that process: the start time
-    recorded beside it at the start must match. 0 when it is gone, reused, or was recorded without one."""
-    pid = int((_read(os.path.join(run_dir, "pid"), "0") or "0").strip() or 0)
-    recorded = (_read(os.path.join(run_dir, "pid_start"), "") or "").strip()
-    return pid if pid and recorded and _identity(pid) == recorded else 0
-
-
-def _signal(leader, procs, sig):
-    """``sig`` to the group of ``leader`` (a pid ``_leader`` just vouched for, or 0) and to each process found,
-    each checked again just before: still the same process."""
-    if leader:
-        try:
-            os.killpg(leader, sig)
-        except OSError:
-            pass
-    for p, identity in procs.items():
-        if identity is not None and _identity(p) == identity:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-
-
 def _active_run(root):
     return (_read(os.path.join(root, "runs", ACTIVE), "") or "").strip() or None
+
+
+def _mtime(run_dir, name):
+    try:
+        return os.stat(os.path.join(run_dir, name)).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _run_state(root, run_id, log_lines=20, progress_file=None):
@@ -302,23 +257,31 @@ def _run_state(root, run_id, log_lines=20, progress_file=None):
         return {"run_id": run_id, "state": "absent"}
     pid = int((_read(os.path.join(run_dir, "pid"), "0") or "0").strip() or 0)
     rc_text = _read(os.path.join(run_dir, "rc"))
-    stopped = os.path.exists(os.path.join(run_dir, "stopped"))
-    leader = _leader(run_dir)
+    stopped = _read(os.path.join(run_dir, "stopped"))
+    leader = supervisor.leader(run_dir)
     # a pid that is no longer the process started (reused, rebooted) is not the run
-    running = bool(pid) and ((bool(leader) and _alive(leader)) or bool(_run_processes(run_id, pgid=leader or None)))
+    running = bool(pid) and ((bool(leader) and supervisor.alive(leader))
+                             or bool(supervisor.run_processes(run_id, pgid=leader or None)))
+    try:
+        watch = json.loads(_read(os.path.join(run_dir, supervisor.STATE), "") or "null")
+    except ValueError:
+        watch = None
     if running:
         state = "running"
-    elif stopped:
+    elif rc_text is not None and (stopped is None or _mtime(run_dir, "rc") <= _mtime(run_dir, "stopped")):
+        state = "exited"  # it ended by itself (before any stop)
+    elif stopped is not None:
         state = "stopped"
-    elif rc_text is not None:
-        state = "exited"
     elif pid:
         state = "lost"  # gone without writing its exit code: killed from outside
     else:
         state = "prepared"
     out = {"run_id": run_id, "state": state, "pid": pid or None, "run_dir": run_dir,
            "rc": int(rc_text.strip()) if rc_text and rc_text.strip().lstrip("-").isdigit() else None,
-           "started_at": float(_read(os.path.join(run_dir, "started_at"), "0") or 0) or None}
+           "started_at": float(_read(os.path.join(run_dir, "started_at"), "0") or 0) or None,
+           # the node's supervisor: its state, and why the run ended when it did not succeed
+           "supervisor": dict(watch, alive=bool(supervisor.vouched(run_dir, "supervisor.pid")))
+           if isinstance(watch, dict) else None}
     log = _read(os.path.join(run_dir, "train.log"), "") or ""
     out["log_tail"] = log.splitlines()[-log_lines:] if log_lines else []
     out["checkpoint"] = _last_checkpoint(os.path.join(run_dir, "output"))
@@ -353,22 +316,8 @@ def _last_checkpoint(output_dir):
 
 
 def _stop(root, run_id, grace):
-    """TERM, then KILL, to the run's processes; a signal goes only to a process that is still the one found."""
-    run_dir = os.path.join(root, "runs", run_id)
-    leader = _leader(run_dir)
-    procs = _run_processes(run_id, pgid=leader or None)
-    if not procs:
-        return False
-    _write(os.path.join(run_dir, "stopped"), str(time.time()))
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        _signal(_leader(run_dir), procs, sig)
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            procs = _run_processes(run_id, pgid=_leader(run_dir) or None)
-            if not procs:
-                return True
-            time.sleep(0.2)
-    return True
+    """TERM, then KILL, to the run's processes (``supervisor.stop_run``); its supervisor tells the peers and exits."""
+    return supervisor.stop_run(os.path.join(root, "runs", run_id), run_id, grace)
 
 
 def _check_inputs(p, extras=False):
@@ -687,26 +636,58 @@ def _start(module, p, host):
         "",
     ])
     _write(os.path.join(run_dir, "launch.sh"), script, 0o755)
-    for stale in ("rc", "stopped", "pid", "pid_start"):
+    _start_supervisor(module, p, host, run_dir)
+    _write(os.path.join(root, "runs", ACTIVE), run_id)
+    module.exit_json(changed=True, run=_run_state(root, run_id, log_lines=0))
+
+
+def _supervisor_source():
+    loader = getattr(supervisor, "__loader__", None)
+    source = loader.get_source(supervisor.__name__) if loader is not None and hasattr(loader, "get_source") else None
+    return source or _read(supervisor.__file__)
+
+
+def _start_supervisor(module, p, host, run_dir):
+    """Start the run's supervisor on this node (module_utils/supervisor.py, written into the run directory and
+    run by this Python, detached from the SSH session); it starts the ranks. Fails when it could not bind its
+    heartbeat socket or the ranks exited at once."""
+    if not p["supervisor_secret"]:
+        module.fail_json(msg="%s: no supervisor secret: the train role passes one per launch" % host)
+    config = {"run_id": p["run_id"], "node": p["node_name"] or host, "master": p["master"],
+              "master_addr": p["master_addr"] or "127.0.0.1", "port": p["master_port"], "peers": p["peers"],
+              "secret": p["supervisor_secret"], "peer_timeout_s": p["peer_timeout_s"],
+              "stall_timeout_s": p["stall_timeout_s"], "start_timeout_s": p["start_timeout_s"],
+              "fail_grace_s": p["fail_grace_s"], "progress_file": p["progress_file"]}
+    _write(os.path.join(run_dir, supervisor.CONFIG), json.dumps(config), 0o600)  # it holds the run's secret
+    _write(os.path.join(run_dir, supervisor.SCRIPT), _supervisor_source(), 0o644)
+    for stale in ("rc", "stopped", "pid", "pid_start", supervisor.STATE):
         if os.path.exists(os.path.join(run_dir, stale)):
             os.unlink(os.path.join(run_dir, stale))
-    env = {k: v for k, v in os.environ.items() if k in ("HOME", "USER", "LANG", "LC_ALL", "TERM")}
-    env[RUN_ID_VAR] = run_id
-    with open(os.path.join(run_dir, "train.log"), "ab") as log:
-        proc = subprocess.Popen(["/bin/sh", os.path.join(run_dir, "launch.sh")], cwd=run_dir, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # survives the SSH session; its pid is the group id
-    # the start time first: a pid without one is never signalled
-    _write(os.path.join(run_dir, "pid_start"), _identity(proc.pid) or "")
-    _write(os.path.join(run_dir, "pid"), str(proc.pid))
+    env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
+    with open(os.path.join(run_dir, "supervisor.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(run_dir, supervisor.SCRIPT), run_dir], cwd=run_dir,
+                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # survives the SSH session
+    _write(os.path.join(run_dir, "supervisor.pid_start"), supervisor.identity(proc.pid) or "")
+    _write(os.path.join(run_dir, "supervisor.pid"), str(proc.pid))
     _write(os.path.join(run_dir, "started_at"), str(time.time()))
-    _write(os.path.join(root, "runs", ACTIVE), run_id)
+    deadline = time.time() + 15
+    while not os.path.exists(os.path.join(run_dir, "pid")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not os.path.exists(os.path.join(run_dir, "pid")):
+        try:
+            why = json.loads(_read(os.path.join(run_dir, supervisor.STATE), "{}") or "{}").get("reason")
+        except ValueError:
+            why = None
+        tail = (_read(os.path.join(run_dir, "supervisor.log"), "") or "").splitlines()[-5:]
+        module.fail_json(msg="%s: the run's supervisor did not start (exit %s): %s; nothing was started"
+                             % (host, proc.poll(), why or " | ".join(tail) or "no output"))
     time.sleep(0.5)
-    if proc.poll() is not None:
+    rc = _read(os.path.join(run_dir, "rc"))
+    if rc is not None:
         tail = (_read(os.path.join(run_dir, "train.log"), "") or "").splitlines()[-10:]
-        module.fail_json(msg="%s: training exited at once (exit %s):\n%s" % (host, proc.returncode, "\n".join(tail)),
-                         run=_run_state(root, run_id))
-    module.exit_json(changed=True, run=_run_state(root, run_id, log_lines=0))
+        module.fail_json(msg="%s: training exited at once (exit %s):\n%s" % (host, rc.strip(), "\n".join(tail)),
+                         run=_run_state(p["root"], p["run_id"]))
 
 
 def main():
@@ -745,6 +726,13 @@ def main():
             hub_cache_dir=dict(type="path"),
             shared_output_dir=dict(type="path"),
             output_token=dict(type="str", default=""),
+            node_name=dict(type="str", default=""),
+            peers=dict(type="list", elements="str", default=[]),
+            supervisor_secret=dict(type="str", default="", no_log=True),
+            peer_timeout_s=dict(type="float", default=30),
+            stall_timeout_s=dict(type="float", default=1800),
+            start_timeout_s=dict(type="float", default=900),
+            fail_grace_s=dict(type="float", default=3),
         ),
         supports_check_mode=False,
     )

@@ -34,6 +34,7 @@ import time
 import traceback
 
 RUN_ID_VAR = "LLAMAFLEET_RUN_ID"
+NODE_VAR = "LLAMAFLEET_NODE"  # which node's ranks these are: where several nodes share one process table
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CONFIG = "supervise.json"
 STATE = "supervisor.json"
@@ -100,11 +101,13 @@ def leader(run_dir):
     return vouched(run_dir, "pid")
 
 
-def run_processes(run_id, pgid=None):
+def run_processes(run_id, pgid=None, node=None):
     """The run's processes (pid to ``identity``): the ranks' process group (``pgid``: a leader ``leader``
     vouched for), and any process whose environment carries the run id (a launcher that started a new
-    session cannot escape the stop). The supervisor does not carry it."""
+    session cannot escape the stop), with ``node``, only those of that node's ranks. The supervisor does not
+    carry it."""
     marker = ("%s=%s" % (RUN_ID_VAR, run_id)).encode()
+    mine = ("%s=%s" % (NODE_VAR, node)).encode() if node else None
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -115,8 +118,9 @@ def run_processes(run_id, pgid=None):
                 found.add(pid)
                 continue
             with open("/proc/%d/environ" % pid, "rb") as fh:
-                if marker in fh.read().split(b"\0"):
-                    found.add(pid)
+                env = fh.read().split(b"\0")
+            if marker in env and (mine is None or mine in env):
+                found.add(pid)
         except (OSError, ProcessLookupError):
             continue
     found.discard(os.getpid())
@@ -149,15 +153,15 @@ class Stopper:
     """TERM, then KILL after ``grace`` seconds, to the run's processes on this node, one ``step`` at a time
     (the supervisor goes on talking to its peers meanwhile). ``done`` once none is left."""
 
-    def __init__(self, run_dir, run_id, grace):
-        self.run_dir, self.run_id, self.grace = run_dir, run_id, grace
+    def __init__(self, run_dir, run_id, grace, node=None):
+        self.run_dir, self.run_id, self.grace, self.node = run_dir, run_id, grace, node
         self.t0 = time.time()
         self.killed = False
         self.done = False
         self.step(signal.SIGTERM)
 
     def _procs(self):
-        return run_processes(self.run_id, pgid=leader(self.run_dir) or None)
+        return run_processes(self.run_id, pgid=leader(self.run_dir) or None, node=self.node)
 
     def step(self, sig=None):
         if self.done:
@@ -304,6 +308,7 @@ class Supervisor:
         self._open()
         env = {k: v for k, v in os.environ.items() if k in KEEP_ENV}
         env[RUN_ID_VAR] = self.run_id
+        env[NODE_VAR] = self.node
         for stale in ("rc", "stopped", "pid", "pid_start"):
             try:
                 os.unlink(os.path.join(self.run_dir, stale))
@@ -328,7 +333,7 @@ class Supervisor:
         self._log("%s: %s" % (state, reason))
         self._broadcast()
         mark_stopped(self.run_dir, reason)
-        self.stopper = Stopper(self.run_dir, self.run_id, self.grace)
+        self.stopper = Stopper(self.run_dir, self.run_id, self.grace, node=self.node)
         self._write_state(force=True)
 
     def _log(self, text):

@@ -121,11 +121,16 @@ def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
 
 
 def provision(inventory: str | os.PathLike, *, limit: str | None = None, lock_file: str | os.PathLike | None = None,
-              flavor: str | None = None, offline: bool | None = None, extravars: Mapping[str, Any] | None = None,
-              on_event: Callable[[TaskEvent], None] | None = None, cancel: threading.Event | None = None) -> StackResult:
-    """Make every node's training stack match the lock, then prove parity (``playbooks/provision.yml``)."""
+              flavor: str | None = None, offline: bool | None = None, force: bool = False,
+              extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
+              cancel: threading.Event | None = None) -> StackResult:
+    """Make every node's training stack match the lock, then prove parity (``playbooks/provision.yml``).
+    A venv that a running run's ranks use is not changed (the node's error names the run) unless ``force``."""
+    extra = _extravars(lock_file, flavor, offline, extravars)
+    if force:
+        extra["stack_force"] = True
     run = run_playbook("provision.yml", inventory, limit=limit, on_event=on_event, cancel=cancel, verb="provision",
-                       extravars=_extravars(lock_file, flavor, offline, extravars))
+                       extravars=extra)
     return _summarize("provision", str(inventory), run)
 
 

@@ -107,6 +107,7 @@ def _stack_verb(args, console) -> int:
     kwargs = dict(limit=args.limit, lock_file=args.lock, flavor=args.flavor, extravars=_parse_extra(args.extra))
     if args.verb == "provision":
         kwargs["offline"] = True if args.offline else None
+        kwargs["force"] = args.force
     fn = api.provision if args.verb == "provision" else api.check
     if args.json or not console.is_terminal:
         result = fn(args.inventory, **kwargs)
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--flavor", help="lock flavor: cpu, cu128, system, ... (default: the inventory's llamafleet_flavor)")
         if verb == "provision":
             s.add_argument("--offline", action="store_true", help="build a wheelhouse here and install nodes from it (pip --no-index)")
+            s.add_argument("--force", action="store_true", help="change a stack venv even while a running run's ranks "
+                           "use it (refused otherwise)")
         s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
         s.add_argument("--json", action="store_true", help="print the result as JSON")
         s.set_defaults(func=_stack_verb)

@@ -1,7 +1,7 @@
 """Preflight: judge every node's inspection together, before anything is installed anywhere.
 
 Per node: an interpreter of the lock's Python minor, enough free disk, a driver new enough for the
-flavor's CUDA. Across nodes: clocks within a few seconds of each other and of the controller.
+flavor's CUDA, rsync new enough for the transfers. Across nodes: clocks within a few seconds of each other and of the controller.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from typing import Any
 
 from .lock import Stack
 from .parity import version_tuple
+
+# llamafleet's transfers use rsync --mkpath (3.2.3) on both ends
+RSYNC_MIN = "3.2.3"
 
 
 def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_disk_gb: float,
@@ -41,6 +44,14 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
             elif stack.driver_min and version_tuple(driver) < version_tuple(stack.driver_min):
                 problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which CUDA {stack.cuda} "
                                 "needs: upgrade the driver (llamafleet checks drivers, never installs them)")
+        if "rsync" in node:
+            rsync = node.get("rsync")
+            if not rsync:
+                problems.append(f"{host}: no rsync on the node; llamafleet copies inputs, wheels and outputs with it: "
+                                f"install rsync >= {RSYNC_MIN} (apt-get install rsync)")
+            elif version_tuple(rsync) < version_tuple(RSYNC_MIN):
+                problems.append(f"{host}: rsync {rsync} is older than {RSYNC_MIN}, which llamafleet's transfers need "
+                                "(--mkpath): upgrade rsync on the node")
         offset = node.get("clock_offset_s")
         # The offset includes the task's trip from the controller (>= 0 for a good clock): a clock behind
         # is caught to the second, one ahead once it exceeds the allowance plus the trip.

@@ -125,6 +125,26 @@ def _message(res: Mapping[str, Any]) -> str:
     return str(msg).strip()
 
 
+def _configured_forks() -> int:
+    """ANSIBLE_FORKS, else the forks of the project's ansible.cfg (what the playbooks run with)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(PROJECT_DIR / "ansible.cfg")
+    return int(os.environ.get("ANSIBLE_FORKS") or cfg.get("defaults", "forks", fallback="5"))
+
+
+def _node_count(inventory: Path) -> int:
+    """How many hosts the inventory's ``nodes`` group holds (0 when it cannot be read here: the play says why)."""
+    try:
+        from ansible.inventory.manager import InventoryManager
+        from ansible.parsing.dataloader import DataLoader
+
+        return len(InventoryManager(loader=DataLoader(), sources=[str(inventory)]).get_hosts("nodes"))
+    except Exception:  # noqa: BLE001 - the playbook reports a bad inventory properly
+        return 0
+
+
 def run_playbook(
     playbook: str,
     inventory: str | os.PathLike,
@@ -204,13 +224,17 @@ def run_playbook(
         extravars_file.parent.mkdir(mode=0o700)
         with os.fdopen(os.open(extravars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
             json.dump(extra, fh)
+        envvars = _environment()
+        if verb == "train":
+            # every node's start task must run at once (the master's rendezvous check waits for all workers)
+            envvars["ANSIBLE_FORKS"] = str(max(_configured_forks(), _node_count(inv)))
         r = ansible_runner.run(
             private_data_dir=str(pdd),
             project_dir=str(PROJECT_DIR),
             playbook=str(PROJECT_DIR / "playbooks" / playbook),
             inventory=str(inv),
             limit=limit,
-            envvars=_environment(),
+            envvars=envvars,
             suppress_env_files=True,
             quiet=True,
             json_mode=False,

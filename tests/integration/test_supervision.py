@@ -145,3 +145,53 @@ def test_a_stalled_collective_is_stopped_after_the_stall_timeout(two_nodes, job,
     assert 15 - 3 <= took <= 15 + 10, took
     reasons = _reasons(roots, started.run_id, ("node1", "node2"))
     assert all("no progress for 15 s after the first step" in r for r in reasons.values()), reasons
+
+
+def test_two_concurrent_launches_exactly_one_starts_and_the_other_names_it(two_nodes, job, default_stack):
+    cfgs = [variant(job, f"race{i}", max_steps=3000, save_steps=100000) for i in (1, 2)]
+    procs = [subprocess.Popen([str(EXE), "train", "-i", str(two_nodes), str(c), "--workdir", str(job.parents[1]),
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cfgs]
+    outs = [p.communicate(timeout=600) for p in procs]
+    results = [json.loads(o[0]) for o in outs]
+    try:
+        started = [r for r in results if r["state"] == "started"]
+        refused = [r for r in results if r["state"] == "not-started"]
+        assert len(started) == 1 and len(refused) == 1, [r["state"] for r in results]
+        why = "\n".join(refused[0]["errors"])
+        assert started[0]["run_id"] in why and ("still running" in why or "has not started yet" in why), why
+        assert run_processes(started[0]["run_id"]) and not run_processes(refused[0]["run_id"])
+    finally:
+        for r in results:
+            if r.get("run_id"):
+                from llamafleet import stop
+
+                stop(two_nodes, r["run_id"])
+    assert not any(run_processes(r["run_id"]) for r in results if r.get("run_id"))
+
+
+def test_provision_refuses_to_change_a_venv_a_running_run_uses(two_nodes, job, default_stack):
+    from conftest import stack
+    from llamafleet import provision, stop
+
+    _, roots = default_stack
+    cfg = variant(job, "busy", max_steps=3000, save_steps=100000)
+    started = train(two_nodes, cfg, workdir=job.parents[1])
+    assert started.ok, started.format()
+    site = next((roots / "node2" / "stacks" / stack().venv_name / "lib").glob("python3.*/site-packages"))
+    extra = site / "lfplanted-1.0.dist-info"  # a package the lock does not list: provision would remove it
+    extra.mkdir()
+    (extra / "METADATA").write_text("Metadata-Version: 2.1\nName: lfplanted\nVersion: 1.0\n")
+    (extra / "INSTALLER").write_text("pip\n")
+    (extra / "RECORD").write_text("lfplanted-1.0.dist-info/METADATA,,\nlfplanted-1.0.dist-info/INSTALLER,,\n"
+                                  "lfplanted-1.0.dist-info/RECORD,,\n")
+    try:
+        refused = provision(two_nodes)
+        assert not refused.ok
+        text = refused.format()
+        assert f"run {started.run_id} is running with the stack venv" in text and "--force" in text, text
+        assert extra.exists() and run_processes(started.run_id), "provision changed the venv under the running ranks"
+    finally:
+        stop(two_nodes, started.run_id)
+    fixed = provision(two_nodes)
+    assert fixed.ok, fixed.format()
+    assert not extra.exists()

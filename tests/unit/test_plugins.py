@@ -17,7 +17,7 @@ sys.path.insert(0, str(PROJECT / "collections"))
 
 from ansible_collections.llamafleet.cluster.plugins.filter import train as train_filters  # noqa: E402
 from ansible_collections.llamafleet.cluster.plugins.filter.transfer import rsync_argv  # noqa: E402
-from ansible_collections.llamafleet.cluster.plugins.module_utils import probe  # noqa: E402
+from ansible_collections.llamafleet.cluster.plugins.module_utils import probe, supervisor  # noqa: E402
 
 PLAN = {"stage_dir": "/ctl/stage/job", "run_id": "r1",
         "nodes": {h: {"inputs_dir": f"/srv/{h}/inputs/job", "run_dir": f"/srv/{h}/runs/r1"} for h in ("a", "b", "c")}}
@@ -146,7 +146,7 @@ def _run_dir(tmp_path, run_id, pid, start):
 def test_a_pid_that_is_no_longer_the_run_is_never_signalled(tmp_path, sleeper, recorded):
     m = module_helpers()
     run_id = "r-%d" % sleeper.pid
-    start = m["_identity"](sleeper.pid)
+    start = supervisor.identity(sleeper.pid)
     # what a reused pid looks like: the recorded start time is another process's (or there is none)
     _run_dir(tmp_path, run_id, sleeper.pid, None if recorded is None else (recorded and start.replace(
         start.split()[0], str(int(start.split()[0]) + 1), 1)))
@@ -158,7 +158,7 @@ def test_a_pid_that_is_no_longer_the_run_is_never_signalled(tmp_path, sleeper, r
 def test_the_started_pid_is_stopped_while_its_start_time_matches(tmp_path, sleeper):
     m = module_helpers()
     run_id = "r-%d" % sleeper.pid
-    start = m["_identity"](sleeper.pid)
+    start = supervisor.identity(sleeper.pid)
     assert start.split()[0] == open("/proc/%d/stat" % sleeper.pid).read().rsplit(")", 1)[1].split()[19]
     _run_dir(tmp_path, run_id, sleeper.pid, start)
     assert m["_run_state"](str(tmp_path), run_id)["state"] == "running"
@@ -174,3 +174,21 @@ def test_secret_env_and_name_checks_use_the_packages_rules():
     assert train_filters.name_problems({"train_run_id": "", "train_job": "sft"}) == []
     problems = train_filters.name_problems({"train_run_id": "..", "train_job": "a/b"})
     assert len(problems) == 2 and problems[0].startswith("train_run_id '..'") and "train_job 'a/b'" in problems[1]
+
+
+@pytest.mark.parametrize("spec, selected", [
+    ("eth", ["eth0", "eth1"]),  # a prefix, as NCCL reads it
+    ("eth0", ["eth0"]),
+    ("ib,eth1", ["eth1", "ib0"]),
+    ("=eth", []),  # '=': exact names only
+    ("=eth1", ["eth1"]),
+    ("^eth", ["docker0", "ib0"]),  # '^': all but these prefixes
+    ("^=eth0", ["docker0", "eth1", "ib0"]),
+    ("^docker,eth", ["ib0"]),
+])
+def test_nccl_socket_ifname_is_matched_as_nccl_matches_it(spec, selected):
+    assert sorted(probe.nccl_interfaces(spec, ["eth0", "eth1", "ib0", "docker0"])) == selected
+
+
+def test_the_node_reports_its_rsync_version():
+    assert probe.rsync_version().split(".")[0] == "3"

@@ -28,3 +28,14 @@ def test_python_and_disk_are_judged_only_for_nodes_that_install():
     problems = run(bad, installing=["a"])
     assert any("is Python 3.9.16" in p for p in problems) and any("only 2.0 GiB free" in p for p in problems)
     assert any("install Python" in p for p in run({"a": insp(path=None, status="absent")}, installing=["a"]))
+
+
+def test_a_node_without_rsync_or_with_an_old_one_is_named_with_the_fix():
+    def with_rsync(version):
+        i = insp()
+        i["node"]["rsync"] = version
+        return i
+    assert run({"a": with_rsync("3.2.7")}) == []
+    problems = run({"a": with_rsync(None), "b": with_rsync("3.1.3")})
+    assert problems[0].startswith("a: no rsync on the node") and "apt-get install rsync" in problems[0]
+    assert problems[1].startswith("b: rsync 3.1.3 is older than 3.2.3")

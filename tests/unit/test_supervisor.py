@@ -37,7 +37,7 @@ class Node:
         self.dir.mkdir(parents=True)
         (self.dir / "launch.sh").write_text("#!/bin/sh\n" + script + "\nrc=$?\necho $rc > rc\nexit $rc\n")
         cfg = {"run_id": run_id, "node": name, "master": master, "master_addr": "127.0.0.1", "port": port,
-               "peers": peers, "secret": key, "peer_timeout_s": 2, "stall_timeout_s": 0, "start_timeout_s": 0,
+               "peers": peers, "secret": key, "peer_timeout_s": 6, "stall_timeout_s": 0, "start_timeout_s": 0,
                "fail_grace_s": 1, "progress_file": "output/trainer_log.jsonl"}
         cfg.update(timeouts)
         (self.dir / "supervise.json").write_text(json.dumps(cfg))

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import secrets
+import socket
 
+from ansible import constants as C
+from ansible import context
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
@@ -27,6 +31,14 @@ class ActionModule(ActionBase):
         if not a.get("config"):
             result.update(failed=True, msg="no training config: pass -e train_config=path/to/llamafactory.yaml")
             return result
+        nodes = len(a["cluster"]["nodes"])
+        forks = int(context.CLIARGS.get("forks") or C.DEFAULT_FORKS)
+        if nodes > forks:
+            # every node's start must run at once: the master's rendezvous check waits for every worker
+            result.update(failed=True, msg="the cluster has %d nodes but Ansible runs %d at once (forks); every node "
+                                           "must start at the same time: set ANSIBLE_FORKS=%d (llamafleet's CLI does)"
+                                           % (nodes, forks, nodes))
+            return result
         try:
             plan = launchplan.make_plan(
                 a["config"], Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]), state_dir=state_dir(a["state_dir"]),
@@ -45,6 +57,7 @@ class ActionModule(ActionBase):
         result.update(changed=False, plan=plan.to_dict(), summary=plan.format(detail=bool(a.get("detail"))))
         if not boolean(a.get("detail", False)):
             result["supervisor_key"] = _new_key(state_dir(a["state_dir"]), plan.run_id)
+            result["launched_by"] = "%s@%s" % (getpass.getuser(), socket.gethostname())
         return result
 
 

@@ -304,6 +304,31 @@ def stack_state(p, venv):
     return state
 
 
+def rsync_version():
+    """The node's rsync version ("3.2.7"), or None when there is none."""
+    try:
+        rc, out, _ = run(["rsync", "--version"], timeout=10)
+    except OSError:
+        return None
+    m = re.search(r"version\s+v?(\d+(?:\.\d+)+)", out or "")
+    return m.group(1) if rc == 0 and m else None
+
+
+def nccl_interfaces(spec, names):
+    """The interfaces of ``names`` that NCCL_SOCKET_IFNAME ``spec`` selects, as NCCL reads it: a comma-separated
+    list of name prefixes; ``=`` first: exact names; ``^`` first: every interface but those (``^=``: but
+    exactly those)."""
+    exclude = spec.startswith("^")
+    rest = spec[1:] if exclude else spec
+    exact = rest.startswith("=")
+    rest = rest[1:] if exact else rest
+    wanted = [w for w in rest.split(",") if w]
+
+    def hit(name):
+        return any(name == w if exact else name.startswith(w) for w in wanted)
+    return [n for n in names if hit(n) != exclude]
+
+
 def node_facts(p, venv):
     """(node, stack state): what preflight and parity judge. ``p`` holds the inspection options of
     the node module (root, python, python_minor, requirements, strip, gpu_expected, controller_time)."""
@@ -324,6 +349,7 @@ def node_facts(p, venv):
         "disk_free_gb": free_gb,
         "disk_path": disk_path,
         "nvcc": nvcc_version(),
+        "rsync": rsync_version(),
     }
     node.update(gpu_facts())
     return node, state

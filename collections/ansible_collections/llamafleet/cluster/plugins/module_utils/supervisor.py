@@ -333,8 +333,8 @@ class Supervisor:
         self._log("%s: %s" % (state, reason))
         self._broadcast()
         mark_stopped(self.run_dir, reason)
+        self._write_state(force=True)  # why, before any rank is signalled: whoever sees them gone can read it
         self.stopper = Stopper(self.run_dir, self.run_id, self.grace, node=self.node)
-        self._write_state(force=True)
 
     def _log(self, text):
         sys.stdout.write("%s %s %s\n" % (time.strftime("%H:%M:%S"), self.node, text))

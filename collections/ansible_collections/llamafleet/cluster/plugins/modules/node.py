@@ -23,6 +23,11 @@ options:
     type: str
     choices: [inspect, present]
     default: inspect
+  force:
+    description: With C(present), change the venv even while a running run's ranks use it (otherwise refused,
+      naming the run).
+    type: bool
+    default: false
   root:
     description: The node's llamafleet root directory.
     type: path
@@ -112,6 +117,7 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import (
     run,
     stack_state as _stack_state,
 )
+from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 _NETWORK = re.compile(r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
                       r"Failed to establish a new connection|Connection refused|No route to host")
@@ -210,6 +216,21 @@ def _build(module, p, venv, interpreter):
         json.dump({"venv_name": p["venv_name"], "built": time.time()}, fh)
 
 
+def _run_using(root, venv):
+    """The id of the node's active run when it is running and its ranks use ``venv`` (None otherwise)."""
+    runs = os.path.join(root, "runs")
+    try:
+        with open(os.path.join(runs, "active")) as fh:
+            run_id = fh.read().strip()
+    except OSError:
+        return None
+    run_dir = os.path.join(runs, run_id)
+    if not run_id or not (supervisor.leader(run_dir) or supervisor.run_processes(run_id)):
+        return None
+    env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
+    return run_id if (venv.rstrip("/") + "/") in env else None
+
+
 def _repair(module, p, venv, state):
     if state["drift"]:
         _install_phases(module, p, venv, [state["drift"]], force=True)
@@ -223,6 +244,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             state=dict(type="str", default="inspect", choices=["inspect", "present"]),
+            force=dict(type="bool", default=False),
             root=dict(type="path", required=True),
             venv_name=dict(type="str", required=True),
             python=dict(type="str", required=True),
@@ -254,6 +276,12 @@ def main():
     if not interpreter:
         module.fail_json(msg="no %s on this node: install Python %s (or set llamafleet_python to its path)"
                          % (p["python"], p["python_minor"]), node=node, stack=state)
+    busy = _run_using(p["root"], venv)
+    if busy and not p["force"]:
+        module.fail_json(msg="%s: run %s is running with the stack venv %s, which provisioning would change (%s) "
+                             "under its ranks; stop the run first (llamafleet stop %s), or pass --force "
+                             "(stack_force) to change it anyway" % (node["hostname"], busy, venv, state["status"], busy),
+                         node=node, stack=state)
     os.makedirs(stacks, exist_ok=True)
     with open(os.path.join(stacks, ".lock"), "w") as lockfh:
         # Two provisions of one node at once would build one venv twice: the second waits.

@@ -21,14 +21,20 @@ description:
     A worker connects to the master's training address. Nothing starts on a node whose check fails.
   - C(status) reports whether the run is running, its exit code, the log's last lines and rank 0's progress.
   - C(stopped) stops every process of the run (its process group and any process carrying its run id), TERM then KILL.
+  - C(prepared) on the master takes the cluster's launch lock (C(runs/launch.lock)) for the run: a second launch
+    is refused, naming the holder, until this one started or failed; C(started) and C(released) give it back.
 version_added: "0.1.0"
 author: llamafleet developers
 options:
   state:
     description: What to do.
     type: str
-    choices: [prepared, started, status, stopped]
+    choices: [prepared, started, status, stopped, released]
     required: true
+  launched_by:
+    description: With C(prepared) on the master, who launches (user@host of the controller), recorded in the launch lock.
+    type: str
+    default: ""
   root:
     description: The node's llamafleet root directory.
     type: path
@@ -222,7 +228,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
-from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import node_facts
+from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import nccl_interfaces, node_facts
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 ACTIVE = "active"
@@ -369,9 +375,66 @@ def _replaced_run(p):
     return None
 
 
+LAUNCH_LOCK = "launch.lock"
+
+
+def _take_launch_lock(p):
+    """On the master: the cluster's launch lock (``runs/launch.lock``, created atomically), for this run from
+    its check to its start. A problem (naming the holder) when another launch holds it: one whose ranks run, or
+    one that has not started yet (it syncs or starts now, or its controller died: ``replace`` takes it over).
+    A lock whose run ran and ended is stale and taken."""
+    runs = os.path.join(p["root"], "runs")
+    os.makedirs(runs, exist_ok=True)
+    path = os.path.join(runs, LAUNCH_LOCK)
+    mine = json.dumps({"run_id": p["run_id"], "by": p["launched_by"], "at": time.time()})
+    for _attempt in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(_read(path, "") or "{}")
+            except ValueError:
+                held = {}
+            other = held.get("run_id")
+            if other and other != p["run_id"] and not p["replace"]:
+                other_dir = os.path.join(runs, other)
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("at") or 0))
+                if _run_state(p["root"], other, log_lines=0)["state"] == "running":
+                    return ("run %s (launched by %s at %s) is still running here; stop it first (llamafleet stop) "
+                            "or start this one with --replace" % (other, held.get("by") or "?", when))
+                if not os.path.exists(os.path.join(other_dir, "pid")):
+                    return ("a launch of run %s by %s began at %s and has not started yet (it is syncing or starting "
+                            "now, or its controller died); wait for it, or pass --replace to take over"
+                            % (other, held.get("by") or "?", when))
+            try:
+                os.unlink(path)  # ours already, stale, or taken over with --replace
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(mine)
+        return None
+    return "cannot take the launch lock %s (another launch takes it at this moment); retry" % path
+
+
+def _release_launch_lock(root, run_id):
+    path = os.path.join(root, "runs", LAUNCH_LOCK)
+    try:
+        if json.loads(_read(path, "") or "{}").get("run_id") == run_id:
+            os.unlink(path)
+            return True
+    except (ValueError, OSError):
+        pass
+    return False
+
+
 def _prepare(module, p, host):
     problems = []
     root = p["root"]
+    if p["master"] and p["run_id"]:
+        held = _take_launch_lock(p)
+        if held:  # nothing else is looked at: the other launch's state is not this one's to judge
+            module.fail_json(msg="%s: %s" % (host, held), problems=[held], inputs_differ=[])
     replacing = _replaced_run(p)
     active = _active_run(root)
     if active and not replacing and _run_state(root, active, log_lines=0)["state"] == "running":
@@ -387,12 +450,11 @@ def _prepare(module, p, host):
         out["inputs_differ"] = differ[:200]
     ifname = p.get("nccl_socket_ifname")
     if ifname:
-        names = [n.lstrip("^") for n in ifname.split(",")]
-        wanted = [n for n in names if not ifname.startswith("^")]
-        missing = [n for n in wanted if not os.path.exists("/sys/class/net/%s" % n)]
-        if missing:
-            problems.append("NCCL_SOCKET_IFNAME names %s, which this node does not have (it has: %s); fix "
-                            "llamafleet_nccl_socket_ifname" % (", ".join(missing), ", ".join(sorted(os.listdir("/sys/class/net")))))
+        have = sorted(os.listdir("/sys/class/net"))
+        if not nccl_interfaces(ifname, [n for n in have if n != "lo"] or have):
+            problems.append("NCCL_SOCKET_IFNAME=%s selects none of this node's interfaces (it has: %s; NCCL reads it "
+                            "as name prefixes, '=' for exact names, '^' to exclude); fix llamafleet_nccl_socket_ifname"
+                            % (ifname, ", ".join(have)))
     os.makedirs(os.path.join(root, "runs"), exist_ok=True)
     st = os.statvfs(root)
     free = st.f_bavail * st.f_frsize / 2**30
@@ -638,6 +700,8 @@ def _start(module, p, host):
     _write(os.path.join(run_dir, "launch.sh"), script, 0o755)
     _start_supervisor(module, p, host, run_dir)
     _write(os.path.join(root, "runs", ACTIVE), run_id)
+    if p["master"]:
+        _release_launch_lock(root, run_id)  # the running run holds the cluster from here
     module.exit_json(changed=True, run=_run_state(root, run_id, log_lines=0))
 
 
@@ -693,7 +757,8 @@ def _start_supervisor(module, p, host, run_dir):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", required=True, choices=["prepared", "started", "status", "stopped"]),
+            state=dict(type="str", required=True, choices=["prepared", "started", "status", "stopped", "released"]),
+            launched_by=dict(type="str", default=""),
             root=dict(type="path", required=True),
             run_id=dict(type="str", default=""),
             inputs_dir=dict(type="path"),
@@ -742,6 +807,8 @@ def main():
         _prepare(module, p, host)
     if p["state"] == "started":
         _start(module, p, host)
+    if p["state"] == "released":
+        module.exit_json(changed=_release_launch_lock(p["root"], p["run_id"]))
     run_id = p["run_id"] or _active_run(p["root"])
     if not run_id:
         module.exit_json(changed=False, run={"run_id": None, "state": "absent"})

@@ -75,11 +75,12 @@ class RunStatus:
 
     def format_line(self) -> str:
         states = ", ".join(f"{n.name} {n.state}" + (f" (exit {n.rc})" if n.rc not in (None, 0) else "") for n in self.nodes)
+        why = f" | {self.reason}" if self.reason and not self.running else ""
         p = self.progress
         if p:
             loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
-            return f"step {p.get('current_steps')}/{p.get('total_steps')}{loss} eta {p.get('remaining_time', '?')} | {states}"
-        return f"waiting for the first step | {states}"
+            return f"step {p.get('current_steps')}/{p.get('total_steps')}{loss} eta {p.get('remaining_time', '?')} | {states}{why}"
+        return f"waiting for the first step | {states}{why}"
 
 
 @dataclasses.dataclass(frozen=True)

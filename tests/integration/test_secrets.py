@@ -171,3 +171,17 @@ def test_a_secret_reaches_only_the_nodes_node_env(two_nodes, job, default_stack,
     logged = b"\n".join(syslog.messages)
     assert b"Invoked with" in logged and b"secret_env=NOT_LOGGING_PARAMETER" in logged, logged[-2000:]
     assert needle not in logged
+
+    # the supervisors' heartbeat key of this launch: in the controller's key file and each node's
+    # supervise.json (both 0600), nowhere else: not in events, logs, collected files, syslog or ps
+    key_file = state / "runs" / run_id / "supervisor.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_bytes().strip()
+    assert len(key) == 64
+    assert b"supervisor_secret=NOT_LOGGING_PARAMETER" in logged
+    assert key not in logged and not [line for line in sampler.lines if key.decode() in line]
+    assert files_holding(key, state) == [str(key_file)]
+    for node in ("node1", "node2"):
+        cfg = roots / node / "runs" / run_id / "supervise.json"
+        assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+        assert files_holding(key, roots / node, since=t0) == [str(cfg)]

@@ -149,3 +149,23 @@ def test_a_detached_follower_says_how_to_follow_see_and_stop_the_run(monkeypatch
     assert rc == 128 + signal.SIGTERM
     assert "run r1 goes on" in out and "llamafleet follow r1 -i 'inv dir'" in out
     assert "llamafleet status r1 -i 'inv dir'" in out and "llamafleet stop r1 -i 'inv dir'" in out
+
+
+def test_follow_waits_for_a_node_that_misses_a_look_and_reports_the_supervisors_reason(monkeypatch):
+    """One missed look (an SSH hiccup) stops nothing; a run the supervisors stopped is reported with their
+    reason (the node that saw it first), then stopped again from here (a no-op) and collected."""
+    blip = RunStatus("r1", (NodeRun("a", "running", None, 10, ()), NodeRun("b", "unreachable", None, None, ())),
+                     None, 1.0)
+    ended = RunStatus("r1", (NodeRun("a", "stopped", None, 10, (), "b: training exited with code 1", "b"),
+                             NodeRun("b", "exited-error", 1, 11, ("RuntimeError: boom",),
+                                     "b: training exited with code 1", "b")), None, 1.0)
+    looks = iter([blip, blip, RUNNING, ended, ended])
+    calls = []
+    monkeypatch.setattr(training, "status", lambda *a, **k: next(looks))
+    monkeypatch.setattr(training, "stop", lambda *a, **k: calls.append("stop") or ended)
+    monkeypatch.setattr(training, "collect", lambda *a, **k: calls.append("collect") or {})
+    result = training.follow("inv", "r1", poll_s=0.01)
+    assert result.state == "failed" and calls == ["stop", "collect"]
+    assert result.errors[0] == "the run failed: b: training exited with code 1"
+    assert "b exited with code 1" in result.errors[2] and "RuntimeError: boom" in result.errors[2]
+    assert ended.format_line().endswith("| b: training exited with code 1")

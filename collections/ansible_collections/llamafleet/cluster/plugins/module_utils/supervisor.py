@@ -335,9 +335,12 @@ class Supervisor:
         mark_stopped(self.run_dir, reason)
         self._write_state(force=True)  # why, before any rank is signalled: whoever sees them gone can read it
         self.stopper = Stopper(self.run_dir, self.run_id, self.grace, node=self.node)
+        self.stop_logged = False
 
     def _log(self, text):
-        sys.stdout.write("%s %s %s\n" % (time.strftime("%H:%M:%S"), self.node, text))
+        now = time.time()
+        sys.stdout.write("%s.%03d %s %s\n" % (time.strftime("%H:%M:%S", time.localtime(now)), now % 1 * 1000, self.node,
+                                              text))
         sys.stdout.flush()
 
     def _broadcast(self):
@@ -443,6 +446,10 @@ class Supervisor:
         if self.stopper is not None:
             if not self.stopper.step():
                 return False
+            if not self.stop_logged:
+                self.stop_logged = True
+                self._log("every rank on this node stopped%s" % (" (KILL after %g s)" % self.grace
+                                                                   if self.stopper.killed else ""))
             if self.master:  # every worker heard the stop (it answered stopped or failed), or has gone quiet
                 quiet = all(p["state"] in ("stopped", "failed", "done") or now - p["last"] > self.peer_timeout
                             for p in self.peers.values())

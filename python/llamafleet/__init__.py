@@ -3,9 +3,9 @@
 from .api import NodeResult, StackResult, check, provision
 from .errors import ConfigError, InventoryError, LlamafleetError, LockError, PlaybookError
 from .parity import ParityReport
-from .training import NodeRun, RunStatus, TrainResult, collect, follow, status, stop, train
+from .training import ExportResult, NodeRun, RunStatus, TrainResult, collect, export, follow, status, stop, train
 
 __all__ = ["provision", "check", "StackResult", "NodeResult", "ParityReport",
-           "train", "follow", "status", "stop", "collect", "TrainResult", "RunStatus", "NodeRun",
+           "train", "follow", "status", "stop", "collect", "export", "TrainResult", "ExportResult", "RunStatus", "NodeRun",
            "LlamafleetError", "InventoryError", "LockError", "ConfigError", "PlaybookError"]
 __version__ = "0.1.0"

@@ -270,6 +270,21 @@ def _collect(args, console) -> int:
     return 0
 
 
+def _export(args, console) -> int:
+    kw = dict(node=args.node, export_dir=args.export_dir, export_size=args.export_size,
+              export_device=args.export_device, fetch=args.fetch, extravars=_parse_extra(args.extra))
+    if args.json or not console.is_terminal:
+        result = training.export(args.inventory, args.run_id, **kw)
+    else:
+        with Progress(console) as progress:
+            result = training.export(args.inventory, args.run_id, on_event=progress, **kw)
+    if args.json:
+        print(result.to_json())
+    else:
+        console.print(result.format(), markup=False, highlight=False)
+    return 0 if result.ok else 1
+
+
 def _run_verb(args, console) -> int:
     extra = _parse_extra(args.extra)
     if args.verb == "stop":
@@ -358,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
     c.add_argument("--json", action="store_true", help="print as JSON")
     c.set_defaults(func=_collect)
+    x = sub.add_parser("export", help="merge a run's LoRA adapter into its base model on a node, and check it loads",
+                       description="Merge a run's adapter into its base model with the run's own stack "
+                                   "(llamafactory-cli export) on one node, check that the result loads, and copy it "
+                                   "here with --fetch.")
+    x.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
+    x.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+    x.add_argument("--node", help="the node that merges (default: the master, which holds rank 0's adapter)")
+    x.add_argument("--export-dir", help="absolute path on that node (default: <run dir>/export)")
+    x.add_argument("--export-size", type=int, default=5, help="largest shard in GB (default 5)")
+    x.add_argument("--export-device", choices=["cpu", "auto"], default="cpu", help="where the merge runs (default cpu)")
+    x.add_argument("--fetch", action="store_true", help="copy the merged model to <state_dir>/runs/RUN_ID/export")
+    x.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    x.add_argument("--json", action="store_true", help="print as JSON")
+    x.set_defaults(func=_export)
     for verb, text in (("status", "where a run stands on every node"), ("logs", "the last log lines of every node"),
                        ("stop", "stop every rank of a run on every node")):
         s = sub.add_parser(verb, help=text, description=text)

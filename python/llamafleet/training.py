@@ -343,3 +343,69 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
     done = follow(inventory, rid, poll_s=poll_s, extravars=extravars,
                   on_status=on_status, cancel=cancel, stop_on_cancel=stop_on_cancel)
     return dataclasses.replace(done, plan=plan, summary=summary, log_path=str(run.log_path))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """A run's adapter merged into its base model (``export``): where, what, and whether it loads."""
+
+    ok: bool
+    run_id: str
+    node: str | None
+    base_model: str | None  # on the node
+    adapter: str | None  # on the node
+    export_dir: str | None  # on the node
+    controller_dir: str | None  # the copy on the controller, when fetched
+    files: dict[str, int]
+    bytes: int
+    seconds: float | None
+    load_check: dict[str, Any] | None
+    errors: tuple[str, ...]
+    log_path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def format(self) -> str:
+        if not self.ok:
+            return "\n".join([f"export of run {self.run_id}: failed", *(f"  {e}" for e in self.errors)])
+        check = self.load_check or {}
+        lines = [f"export of run {self.run_id}: merged on {self.node} in {self.seconds:g} s, "
+                 f"{self.bytes / 2**20:.1f} MiB in {len(self.files)} files; loads as {check.get('architecture')} "
+                 f"({check.get('parameters')} parameters, all in its files)",
+                 f"  base model: {self.base_model}", f"  adapter:    {self.adapter}",
+                 f"  export:     {self.node}:{self.export_dir}"]
+        if self.controller_dir:
+            lines.append(f"  copied to:  {self.controller_dir}")
+        return "\n".join(lines)
+
+
+def export(inventory: str | os.PathLike, run_id: str | None = None, *, node: str | None = None,
+           export_dir: str | None = None, export_size: int = 5, export_device: str = "cpu", fetch: bool = False,
+           extravars: Mapping[str, Any] | None = None,
+           on_event: Callable[[TaskEvent], None] | None = None) -> ExportResult:
+    """Merge the run's LoRA adapter (None: the nodes' active run) into its base model on ``node`` (default:
+    the master, which holds rank 0's adapter) with the run's own stack (``llamafactory-cli export``), check
+    that the result loads, and, with ``fetch``, copy it to ``<state_dir>/runs/<run_id>/export``. The run's
+    record on the controller (``export.json`` in its run directory) links base model, adapter and export."""
+    run_id = check_run_id(run_id) or active_run_id(inventory, extravars)
+    ev = _extra(extravars, train_run_id=run_id, train_export_node=node or "", train_export_dir=export_dir or "",
+                train_export_size=export_size, train_export_device=export_device, train_export_fetch=fetch)
+    run = run_playbook("export.yml", inventory, verb="export", extravars=ev, on_event=on_event)
+    done = next((r.get("export") for r in (run.results.get("export") or {}).values() if r.get("export")), None)
+    if not run.ok or not done:
+        errors = run.failure_messages() or ["the export did not run on any node"]
+        if not run.hosts and errors:
+            raise ConfigError(errors)
+        return ExportResult(False, run_id, None, None, None, None, None, {}, 0, None, None,
+                            tuple(dict.fromkeys(errors)), str(run.log_path))
+    here = str(Path(run_dir(run_id, extravars)) / "export") if fetch else None
+    result = ExportResult(True, run_id, done["node"], done["base_model"], done["adapter"], done["export_dir"], here,
+                          done["files"], done["bytes"], done["seconds"], done["load_check"], (), str(run.log_path))
+    record = Path(run_dir(run_id, extravars))
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "export.json").write_text(result.to_json() + "\n")
+    return result

@@ -56,7 +56,7 @@ def test_dry_run_output_and_json_show_secrets_redacted(job, tmp_path):
         assert not f.is_file() or b"5ecret" not in f.read_bytes(), f
 
 
-@pytest.mark.parametrize("verb", ["status", "stop", "logs", "follow", "collect"])
+@pytest.mark.parametrize("verb", ["status", "stop", "logs", "follow", "collect", "export"])
 @pytest.mark.parametrize("run_id", ["..", "a/b", ".hidden", "-x"])
 def test_every_verb_refuses_a_bad_run_id_before_anything_runs(verb, run_id, tmp_path):
     proc = _run(verb, "-i", "inventory/local", "--", run_id, state=tmp_path / "state")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -11,7 +12,7 @@ import threading
 from typing import Any
 
 from . import api, training
-from .errors import LlamafleetError
+from .errors import ConfigError, LlamafleetError
 from .parity import ParityReport
 from .runner import TaskEvent
 
@@ -285,6 +286,33 @@ def _export(args, console) -> int:
     return 0 if result.ok else 1
 
 
+def _serve(args, console) -> int:
+    from . import serving
+
+    extra = _parse_extra(args.extra)
+    if args.status or args.stop:
+        fn = serving.serve_status if args.status else serving.serve_stop
+        result = fn(args.inventory, args.run_id, nodes=args.node, extravars=extra)
+    else:
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+        kw = dict(nodes=args.node, model="export" if args.export else "adapter", host=args.host, port=args.port,
+                  name=args.name, api_key=key, ready_timeout_s=args.ready_timeout, extravars=extra)
+        if args.json or not console.is_terminal:
+            result = serving.serve(args.inventory, args.run_id, **kw)
+        else:
+            with Progress(console) as progress:
+                result = serving.serve(args.inventory, args.run_id, on_event=progress, **kw)
+    if args.json:
+        print(result.to_json())
+    else:
+        console.print(result.format(), markup=False, highlight=False)
+    return 0 if result.ok else 1
+
+
 def _run_verb(args, console) -> int:
     extra = _parse_extra(args.extra)
     if args.verb == "stop":
@@ -387,6 +415,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
     x.add_argument("--json", action="store_true", help="print as JSON")
     x.set_defaults(func=_export)
+    v = sub.add_parser("serve", help="serve a run's adapter (or export) behind an OpenAI-compatible API on a node",
+                       description="Serve a run's LoRA adapter (or its merged export) with llamafactory-cli api from "
+                                   "the run's own stack, bound to the node's training address, with an API key; "
+                                   "ready when a real chat completion came back. --status and --stop for servers.")
+    v.add_argument("run_id", help="the run to serve")
+    v.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
+    v.add_argument("--node", action="append", default=[], help="a node that serves (repeatable; default: the master)")
+    v.add_argument("--export", action="store_true", help="serve the merged model of `llamafleet export`, not the adapter")
+    v.add_argument("--host", help="address to listen on (default: the node's training address)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    v.add_argument("--name", help="model name the API lists (default: the run id)")
+    v.add_argument("--api-key-env", metavar="VAR", help="take the API key from this environment variable (default: "
+                   "$LLAMAFLEET_API_KEY, else one kept in <state_dir>/servers/RUN_ID.key)")
+    v.add_argument("--ready-timeout", type=int, default=900, help="seconds to load and answer (default 900)")
+    what = v.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true", help="where the run's servers stand")
+    what.add_argument("--stop", action="store_true", help="stop the run's servers")
+    v.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    v.add_argument("--json", action="store_true", help="print as JSON")
+    v.set_defaults(func=_serve)
     for verb, text in (("status", "where a run stands on every node"), ("logs", "the last log lines of every node"),
                        ("stop", "stop every rank of a run on every node")):
         s = sub.add_parser(verb, help=text, description=text)

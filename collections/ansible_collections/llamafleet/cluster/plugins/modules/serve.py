@@ -1,0 +1,302 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# A run's adapter (or its export) served on this node behind an OpenAI-compatible API: start, report, stop.
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: serve
+short_description: Serve a llamafleet run's adapter or export on this node with llamafactory-cli api
+description:
+  - C(started) writes the server's directory C(<root>/servers/<run_id>) (mode 0700: C(api.yaml), C(serve.env) with the
+    API key, mode 0600, the log) and starts C(llamafactory-cli api) from the run's own stack, detached from the SSH
+    session, bound to C(host):C(port) (the node's own address unless told otherwise), with the hub offline. It is
+    ready only when C(/v1/models) lists the model and a real chat completion comes back, both with the key; a key
+    is always required. A busy port, a run without an adapter or export, a server of the run already running are
+    one message each, and nothing starts.
+  - C(status) says whether the server runs and answers; C(stopped) stops it (TERM, then KILL), only while its pid is
+    still the process started.
+version_added: "0.1.0"
+author: llamafleet developers
+options:
+  state:
+    description: What to do.
+    type: str
+    choices: [started, status, stopped]
+    required: true
+  root:
+    description: The node's llamafleet root directory.
+    type: path
+    required: true
+  run_id:
+    description: The run whose adapter (or export) to serve.
+    type: str
+    required: true
+  model:
+    description: C(adapter) (the base model with the run's LoRA adapter) or C(export) (the merged model of
+      C(llamafleet export)).
+    type: str
+    choices: [adapter, export]
+    default: adapter
+  host:
+    description: The address to listen on (the node's own, not 0.0.0.0 unless asked).
+    type: str
+    default: ""
+  port:
+    description: The port to listen on.
+    type: int
+    default: 8000
+  name:
+    description: The model name the API serves it under; empty = the run id.
+    type: str
+    default: ""
+  api_key:
+    description: The key every request must carry (Authorization Bearer). Written only to C(serve.env) (0600); never
+      logged.
+    type: str
+    default: ""
+  ready_timeout_s:
+    description: Seconds the server may take to load the model and answer.
+    type: int
+    default: 900
+  grace_s:
+    description: Seconds between TERM and KILL when stopping.
+    type: int
+    default: 10
+"""
+
+EXAMPLES = r"""
+- name: Serve the adapter
+  llamafleet.cluster.serve:
+    state: started
+    root: /srv/llamafleet
+    run_id: 20261202-132625-sft_lora-bf0b
+    host: 10.0.0.11
+    api_key: "{{ lookup('file', key_file) }}"
+"""
+
+RETURN = r"""
+server:
+  description: State, endpoint, model name, pid, the answer of the readiness check, the log's last lines.
+  returned: always
+  type: dict
+"""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
+
+SERVER_VAR = "LLAMAFLEET_SERVER"
+UNSET = ("FORCE_TORCHRUN", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
+READ_YAML = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+
+
+def _processes(server_dir, tag):
+    leader = supervisor.vouched(server_dir, "pid")
+    marker = ("%s=%s" % (SERVER_VAR, tag)).encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            pid = int(entry)
+            try:
+                with open("/proc/%d/environ" % pid, "rb") as fh:
+                    hit = marker in fh.read().split(b"\0")
+                if hit or (leader and os.getpgid(pid) == leader):
+                    if supervisor.alive(pid):
+                        found[pid] = supervisor.identity(pid)
+            except (OSError, ProcessLookupError):
+                continue
+    found.pop(os.getpid(), None)
+    return leader, found
+
+
+def _request(url, key, body=None, timeout=30):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", "Bearer " + key)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read().decode() or "null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (OSError, ValueError):
+        return None, None
+
+
+def _state(p, server_dir, log_lines=20):
+    tag = p["run_id"]
+    if not os.path.isdir(server_dir):
+        return {"run_id": tag, "state": "absent"}
+    info = json.loads(supervisor.read(os.path.join(server_dir, "server.json"), "{}") or "{}")
+    _leader, procs = _processes(server_dir, tag)
+    log = (supervisor.read(os.path.join(server_dir, "serve.log"), "") or "").splitlines()
+    out = dict(info, run_id=tag, state="running" if procs else "stopped", log_tail=log[-log_lines:] if log_lines else [])
+    return out
+
+
+def _stop(server_dir, tag, grace):
+    leader, procs = _processes(server_dir, tag)
+    if not procs:
+        return False
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        supervisor.signal_processes(leader, procs, sig)
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            leader, procs = _processes(server_dir, tag)
+            if not procs:
+                return True
+            time.sleep(0.2)
+    return True
+
+
+def _start(module, p, host, server_dir):
+    run_dir = os.path.join(p["root"], "runs", p["run_id"])
+    tag = p["run_id"]
+    if not os.path.isdir(run_dir):
+        module.fail_json(msg="%s: run %s is not on this node (no %s); serve a run of this cluster from the node that "
+                             "holds its adapter (the master)" % (host, tag, run_dir))
+    if _processes(server_dir, tag)[1]:
+        module.fail_json(msg="%s: run %s is already served here (llamafleet serve %s --stop first)" % (host, tag, tag))
+    if not p["api_key"]:
+        module.fail_json(msg="%s: no API key: a server never listens without one" % host)
+    node_env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
+    vbin = None
+    for line in node_env.splitlines():
+        if line.startswith("export PATH="):
+            first = shlex.split(line[len("export PATH="):])[0].split(os.pathsep)[0]
+            if os.path.isfile(os.path.join(first, "llamafactory-cli")):
+                vbin = first
+    if not vbin:
+        module.fail_json(msg="%s: cannot tell run %s's stack venv from its node.env; provision the node again" % (host, tag))
+    rc = subprocess.run([os.path.join(vbin, "python"), "-c", READ_YAML, os.path.join(run_dir, "train.yaml")],
+                        capture_output=True, text=True, timeout=120)
+    if rc.returncode != 0:
+        module.fail_json(msg="%s: cannot read %s/train.yaml: %s" % (host, run_dir, rc.stderr.strip()[-300:]))
+    trained = json.loads(rc.stdout)
+    spec = {"template": trained.get("template") or "default", "infer_backend": "huggingface"}
+    if p["model"] == "export":
+        export_dir = os.path.join(run_dir, "export")
+        if not os.path.isfile(os.path.join(export_dir, "config.json")):
+            module.fail_json(msg="%s: run %s has no export in %s: merge it first (llamafleet export %s)"
+                                 % (host, tag, export_dir, tag))
+        spec["model_name_or_path"] = export_dir
+    else:
+        adapter = os.path.join(run_dir, "output")
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            module.fail_json(msg="%s: run %s has no adapter in %s (no adapter_config.json): serve a LoRA run's adapter, "
+                                 "or a full fine-tuning run's output as a model" % (host, tag, adapter))
+        spec.update(model_name_or_path=trained["model_name_or_path"], adapter_name_or_path=adapter, finetuning_type="lora")
+    for key in ("trust_remote_code",):
+        if trained.get(key) is not None:
+            spec[key] = trained[key]
+    bind = p["host"] or "127.0.0.1"
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((bind, p["port"]))
+    except OSError as exc:
+        module.fail_json(msg="%s: cannot listen on %s:%d (%s); pick a free port (--port)" % (host, bind, p["port"], exc.strerror))
+    finally:
+        s.close()
+    os.makedirs(server_dir, mode=0o700, exist_ok=True)
+    os.chmod(server_dir, 0o700)  # serve.env holds the key
+    name = p["name"] or tag
+    supervisor.write(os.path.join(server_dir, "api.yaml"), json.dumps(spec, indent=1, sort_keys=True) + "\n")
+    env_lines = [line for line in node_env.splitlines() if line.startswith("export ") and
+                 line.split("=", 1)[0][7:] not in UNSET + ("LLAMAFLEET_RUN_ID",)]
+    env_lines += ["export API_HOST=%s" % shlex.quote(bind), "export API_PORT=%d" % p["port"],
+                  "export API_MODEL_NAME=%s" % shlex.quote(name), "export API_KEY=%s" % shlex.quote(p["api_key"])]
+    supervisor.write(os.path.join(server_dir, "serve.env"), "\n".join(env_lines) + "\n", 0o600)
+    script = "#!/bin/sh\ncd %s || exit 97\n. ./serve.env\nexec llamafactory-cli api api.yaml\n" % shlex.quote(server_dir)
+    supervisor.write(os.path.join(server_dir, "serve.sh"), script, 0o755)
+    env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
+    env[SERVER_VAR] = tag
+    with open(os.path.join(server_dir, "serve.log"), "ab") as log:
+        proc = subprocess.Popen(["/bin/sh", os.path.join(server_dir, "serve.sh")], cwd=server_dir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    supervisor.write(os.path.join(server_dir, "pid_start"), supervisor.identity(proc.pid) or "")
+    supervisor.write(os.path.join(server_dir, "pid"), str(proc.pid))
+    url = "http://%s:%d/v1" % (bind, p["port"])
+    info = {"endpoint": url, "model_name": name, "model": p["model"], "node": host, "pid": proc.pid,
+            "started_at": time.time(), "serves": spec["model_name_or_path"], "adapter": spec.get("adapter_name_or_path")}
+    supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))
+    # ready: the model is listed and a real completion comes back, both with the key
+    deadline = time.time() + p["ready_timeout_s"]
+    status, listed = None, None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = (supervisor.read(os.path.join(server_dir, "serve.log"), "") or "").splitlines()[-12:]
+            module.fail_json(msg="%s: the server of run %s exited (code %s) before it was ready:\n%s"
+                                 % (host, tag, proc.returncode, "\n".join(tail)), server=_state(p, server_dir))
+        status, listed = _request(url + "/models", p["api_key"], timeout=5)
+        if status == 200:
+            break
+        time.sleep(1)
+    if status != 200 or name not in [m.get("id") for m in (listed or {}).get("data", [])]:
+        _stop(server_dir, tag, p["grace_s"])
+        module.fail_json(msg="%s: the server of run %s did not list model %s within %d s (last answer: %s); it was "
+                             "stopped; see %s/serve.log" % (host, tag, name, p["ready_timeout_s"], status, server_dir))
+    t0 = time.time()
+    status, answer = _request(url + "/chat/completions", p["api_key"], {
+        "model": name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0},
+        timeout=max(60, int(deadline - time.time())))
+    content = None
+    try:
+        content = answer["choices"][0]["message"]["content"]
+    except (TypeError, KeyError, IndexError):
+        pass
+    if status != 200 or content is None:
+        _stop(server_dir, tag, p["grace_s"])
+        module.fail_json(msg="%s: the server of run %s listed %s but no chat completion came back (HTTP %s); it was "
+                             "stopped; see %s/serve.log" % (host, tag, name, status, server_dir))
+    unauthenticated, _ = _request(url + "/models", None, timeout=10)
+    if unauthenticated != 401:
+        _stop(server_dir, tag, p["grace_s"])
+        module.fail_json(msg="%s: the server of run %s answered a request without the key (HTTP %s); it was stopped"
+                             % (host, tag, unauthenticated))
+    info.update(ready_s=round(time.time() - info["started_at"], 1), first_completion_s=round(time.time() - t0, 2),
+                first_answer=content)
+    supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))
+    module.exit_json(changed=True, server=_state(p, server_dir, log_lines=0))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", required=True, choices=["started", "status", "stopped"]),
+            root=dict(type="path", required=True),
+            run_id=dict(type="str", required=True),
+            model=dict(type="str", default="adapter", choices=["adapter", "export"]),
+            host=dict(type="str", default=""),
+            port=dict(type="int", default=8000),
+            name=dict(type="str", default=""),
+            api_key=dict(type="str", default="", no_log=True),
+            ready_timeout_s=dict(type="int", default=900),
+            grace_s=dict(type="int", default=10),
+        ),
+        supports_check_mode=False,
+    )
+    p = module.params
+    host = socket.gethostname()
+    server_dir = os.path.join(p["root"], "servers", p["run_id"])
+    if p["state"] == "started":
+        _start(module, p, host, server_dir)
+    if p["state"] == "stopped":
+        changed = _stop(server_dir, p["run_id"], p["grace_s"])
+        module.exit_json(changed=changed, server=_state(p, server_dir))
+    module.exit_json(changed=False, server=_state(p, server_dir))
+
+
+if __name__ == "__main__":
+    main()

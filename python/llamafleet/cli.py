@@ -218,7 +218,8 @@ def _train(args, console) -> int:
     kwargs = dict(launcher=args.launcher, master_port=args.port, run_id=args.run_id, replace=args.replace,
                   dry_run=args.dry_run, shared_inputs=args.shared_inputs, sync_model=not args.no_sync_model,
                   follow_run=args.follow, start_timeout_s=args.start_timeout, peer_timeout_s=args.peer_timeout,
-                  stall_timeout_s=args.stall_timeout, extravars=_parse_extra(args.extra),
+                  stall_timeout_s=args.stall_timeout, accelerate_config=args.accelerate_config,
+                  extravars=_parse_extra(args.extra),
                   workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch,
                   shared_output=args.shared_output)
     with Interrupts() as interrupts:
@@ -355,8 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="validate, sync and start a LLaMA-Factory yaml on every node (--follow to watch it)")
     t.add_argument("config", help="your LLaMA-Factory training yaml, unchanged")
     t.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
-    t.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
-                   help="torchrun: llamafactory-cli under FORCE_TORCHRUN on every node; deepspeed: DeepSpeed's launcher")
+    t.add_argument("--launcher", choices=["torchrun", "deepspeed", "accelerate"], default="torchrun",
+                   help="torchrun: llamafactory-cli under FORCE_TORCHRUN on every node; deepspeed: DeepSpeed's launcher; "
+                        "accelerate: accelerate launch (FSDP with --accelerate-config)")
+    t.add_argument("--accelerate-config", help="with --launcher accelerate: your accelerate config (e.g. FSDP); its "
+                   "machine and rendezvous keys are set per node")
     t.add_argument("--port", type=int, help="rendezvous port on the master (default 29500)")
     t.add_argument("--run-id", help="an existing run's id to continue it from its last checkpoint, or a new id")
     t.add_argument("--replace", action="store_true", help="stop a run still active on the nodes instead of refusing")

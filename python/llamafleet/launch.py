@@ -27,7 +27,13 @@ from .errors import ConfigError
 from .inventory import Cluster, Node
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
-LAUNCHERS = ("torchrun", "deepspeed")
+LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
+# Keys of an accelerate config that say where each process runs: llamafleet sets them per node from the
+# inventory, whatever the user's own file (e.g. an FSDP config) says; every other key of it is kept.
+ACCELERATE_OWNED = ("compute_environment", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                    "num_processes", "use_cpu", "rdzv_backend", "same_network")
+# accelerate only starts these across machines on GPUs (on CPU the same launch is MULTI_CPU DDP over gloo)
+_ACCELERATE_GPU_ONLY = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MEGATRON_LM")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Set by node_env from the cluster; `extra` must not change them, or nodes disagree on the rendezvous.
 # RANK is LLaMA-Factory's classic trap: it reads NODE_RANK, and torchrun sets RANK per process.
@@ -161,6 +167,39 @@ def _no_whitespace(**paths: str) -> None:
             )
 
 
+def accelerate_config(cluster: Cluster, node: Node, *, master_port: int, cpu_only: bool,
+                       user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``node``'s accelerate config: the user's own (``user``, e.g. with ``fsdp_config``) with the keys of
+    ``ACCELERATE_OWNED`` set from the inventory. accelerate runs ``num_processes / num_machines`` processes on
+    every machine, so nodes with different process counts are refused with the launchers that can run them."""
+    counts = {n.name: n.nproc(cpu_only) for n in cluster.nodes}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        raise ConfigError(f"the accelerate launcher runs the same number of processes on every node, but these nodes "
+                          f"differ ({listed}); use --launcher torchrun or deepspeed (each node runs its own count), or "
+                          "give every node the same llamafleet_gpus")
+    cfg = dict(user or {})
+    kind = str(cfg.get("distributed_type") or ("MULTI_CPU" if cpu_only else "MULTI_GPU")).upper()
+    if cpu_only and kind in _ACCELERATE_GPU_ONLY:
+        raise ConfigError(f"the accelerate config asks for distributed_type {kind}, which accelerate only runs on GPUs; "
+                          "this stack is CPU-only: use a CUDA flavor, or MULTI_CPU (DDP over gloo)")
+    cfg.update(compute_environment="LOCAL_MACHINE", distributed_type=kind, num_machines=len(cluster.nodes),
+               machine_rank=node.node_rank, main_process_ip=cluster.master.train_addr, main_process_port=master_port,
+               num_processes=cluster.world_size(cpu_only), use_cpu=cpu_only, rdzv_backend="static", same_network=True)
+    cfg.setdefault("mixed_precision", "no")
+    cfg.setdefault("main_training_function", "main")
+    return cfg
+
+
+def accelerate_env(cluster: Cluster, node: Node, cpu_only: bool) -> dict[str, str]:
+    """What accelerate leaves to the environment: on a CPU stack it starts one process per node itself (no
+    torchrun, no MPI), which learns its place in the world from these."""
+    if not cpu_only:
+        return {}
+    return {"RANK": str(node.node_rank), "WORLD_SIZE": str(len(cluster.nodes)), "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1"}
+
+
 def node_command(
     launcher: str,
     node: Node,
@@ -180,10 +219,18 @@ def node_command(
     same on every node) and ``site_packages`` of the venv's Python, where LLaMA-Factory's
     ``launcher.py`` is. ``--no_local_rank`` keeps ``--local_rank=N`` out of argv[1], where
     LLaMA-Factory expects the yaml.
+    accelerate: ``accelerate launch`` with the node's ``accelerate.yaml`` (``accelerate_config``, beside the
+    yaml) running LLaMA-Factory's ``launcher.py``.
     """
     _no_whitespace(yaml=yaml_path, venv=venv)
     if launcher == "torchrun":
         return [f"{venv}/bin/llamafactory-cli", "train", yaml_path]
+    if launcher == "accelerate":
+        if not site_packages:
+            raise ConfigError("the accelerate launcher needs the venv's site-packages directory")
+        config = yaml_path.rsplit("/", 1)[0] + "/accelerate.yaml"
+        return [f"{venv}/bin/accelerate", "launch", "--config_file", config,
+                f"{site_packages}/llamafactory/launcher.py", yaml_path]
     if launcher != "deepspeed":
         raise ConfigError(f"launcher {launcher!r} is not supported; use one of {', '.join(LAUNCHERS)}")
     if not hostfile or not site_packages:

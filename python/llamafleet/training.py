@@ -292,7 +292,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
           shared_inputs: bool = False, shared_output: bool = False, sync_model: bool = True,
           follow_run: bool = False, workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
           start_timeout_s: float | None = None, peer_timeout_s: float | None = None,
-          stall_timeout_s: float | None = None, poll_s: float = 5, env: Mapping[str, str] | None = None,
+          stall_timeout_s: float | None = None, accelerate_config: str | None = None, poll_s: float = 5,
+          env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
           stop_on_cancel: bool = False) -> TrainResult:
@@ -322,7 +323,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
                 train_sync_model=sync_model,
                 train_follow=False, train_workdir=str(workdir), train_model_source=model_source,
                 train_hub_fetch=hub_fetch, train_start_timeout_s=start_timeout_s,
-                train_peer_timeout_s=peer_timeout_s, train_stall_timeout_s=stall_timeout_s)
+                train_peer_timeout_s=peer_timeout_s, train_stall_timeout_s=stall_timeout_s,
+                train_accelerate_config=accelerate_config)
     if env:
         ev["train_env"] = dict(env)
     run = run_playbook("train.yml", inventory, verb="train", extravars=ev, on_event=on_event)

@@ -226,3 +226,18 @@ def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_s
         planned = next(iter((run.results.get("train_plan") or {}).values()), {}).get("plan") or {}
         if planned.get("run_id"):
             stop(two_nodes, planned["run_id"])
+
+
+def test_accelerate_launcher_trains_across_two_nodes_in_one_world(two_nodes, job):
+    """accelerate launch on every node with its own rendered config; on this CPU stack that is MULTI_CPU DDP over
+    gloo (accelerate's FSDP needs GPUs), one process per node, both in one world."""
+    cfg = variant(job, "accel", max_steps=4, save_steps=100)
+    result = train(two_nodes, cfg, workdir=job.parents[1], launcher="accelerate", follow_run=True, poll_s=3)
+    assert result.ok, result.format()
+    node2 = result.plan["nodes"]["node2"]
+    assert node2["command"][0].endswith("/bin/accelerate") and node2["command"][1:3] == ["launch", "--config_file"]
+    rendered = yaml.safe_load(node2["files"]["accelerate.yaml"])
+    assert (rendered["machine_rank"], rendered["num_machines"], rendered["distributed_type"]) == (1, 2, "MULTI_CPU")
+    logs = {n: Path(result.outputs[f"log {n}"]).read_text() for n in ("node1", "node2")}
+    assert "world size: 2" in logs["node1"] and "world size: 2" in logs["node2"], logs["node2"][-3000:]
+    assert (Path(result.outputs["adapter"]) / "adapter_model.safetensors").is_file()

@@ -158,3 +158,47 @@ def test_command_rejects_whitespace_paths_and_unknown_launchers(mixed):
         node_command("mpirun", node, mixed, "/j/train.yaml", VENV, master_port=29500, cpu_only=False)
     with pytest.raises(ConfigError, match="hostfile"):
         node_command("deepspeed", node, mixed, "/j/train.yaml", VENV, master_port=29500, cpu_only=False)
+
+
+def test_accelerate_config_sets_the_machine_keys_per_node_and_keeps_the_users_fsdp_settings():
+    from llamafleet.launch import accelerate_config
+
+    cluster = cluster_of(a={"llamafleet_gpus": 4, "llamafleet_master": True, "llamafleet_train_addr": "192.168.1.10"},
+                         b={"llamafleet_gpus": 4})
+    user = {"distributed_type": "FSDP", "num_machines": 1, "machine_rank": 0, "main_process_ip": "127.0.0.1",
+            "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD", "fsdp_offload_params": True},
+            "mixed_precision": "bf16"}
+    cfg = accelerate_config(cluster, cluster.node("b"), master_port=29511, cpu_only=False, user=user)
+    assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"] == user["fsdp_config"]
+    assert (cfg["num_machines"], cfg["machine_rank"], cfg["num_processes"]) == (2, 1, 8)
+    assert (cfg["main_process_ip"], cfg["main_process_port"], cfg["use_cpu"]) == ("192.168.1.10", 29511, False)
+    assert cfg["mixed_precision"] == "bf16" and cfg["rdzv_backend"] == "static"
+    assert user["num_machines"] == 1, "the user's config was changed"
+    # without a config of the user's: DDP
+    plain = accelerate_config(cluster, cluster.node("a"), master_port=29500, cpu_only=False)
+    assert plain["distributed_type"] == "MULTI_GPU" and plain["machine_rank"] == 0
+
+
+def test_accelerate_refuses_different_process_counts_and_gpu_only_engines_on_cpu(mixed):
+    from llamafleet.launch import accelerate_config, accelerate_env
+
+    with pytest.raises(ConfigError, match=r"same number of processes on every node.*boss: 8, worker1: 4, worker2: 2"
+                                          r".*--launcher torchrun or deepspeed"):
+        accelerate_config(mixed, mixed.node("boss"), master_port=29500, cpu_only=False)
+    cpu = cluster_of(a={"llamafleet_master": True}, b={})
+    with pytest.raises(ConfigError, match="distributed_type FSDP, which accelerate only runs on GPUs"):
+        accelerate_config(cpu, cpu.node("a"), master_port=29500, cpu_only=True, user={"distributed_type": "fsdp"})
+    cfg = accelerate_config(cpu, cpu.node("b"), master_port=29500, cpu_only=True)
+    assert cfg["distributed_type"] == "MULTI_CPU" and cfg["use_cpu"] is True and cfg["num_processes"] == 2
+    # on CPU accelerate starts one process per node itself: its place in the world comes from the environment
+    assert accelerate_env(cpu, cpu.node("b"), True) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                                        "LOCAL_WORLD_SIZE": "1"}
+    assert accelerate_env(cpu, cpu.node("b"), False) == {}
+
+
+def test_accelerate_command_runs_llamafactorys_launcher_with_the_nodes_config():
+    cluster = cluster_of(a={"llamafleet_master": True}, b={})
+    cmd = node_command("accelerate", cluster.node("b"), cluster, "/srv/lf/runs/r1/train.yaml", VENV, master_port=29500,
+                       cpu_only=True, site_packages=f"{VENV}/lib/python3.11/site-packages")
+    assert cmd == [f"{VENV}/bin/accelerate", "launch", "--config_file", "/srv/lf/runs/r1/accelerate.yaml",
+                   f"{VENV}/lib/python3.11/site-packages/llamafactory/launcher.py", "/srv/lf/runs/r1/train.yaml"]

@@ -48,7 +48,8 @@ class ActionModule(ActionBase):
                 shared_output=boolean(a.get("shared_output", False)), sync_model=boolean(a.get("sync_model", True)),
                 model_source=a.get("model_source") or "auto",
                 hub_fetch=a.get("hub_fetch") or ("controller" if boolean(a.get("offline", False)) else "nodes"),
-                fetch_now=not boolean(a.get("detail", False)), extra_env=a.get("extra_env") or None)
+                fetch_now=not boolean(a.get("detail", False)), extra_env=a.get("extra_env") or None,
+                accelerate_config=a.get("accelerate_config") or None)
         except LlamafleetError as exc:
             result.update(failed=True, problems=exc.problems,
                           msg="the training configuration cannot run; no node was started:\n"

@@ -212,7 +212,7 @@ class Supervisor:
         self.peer_timeout = float(cfg.get("peer_timeout_s") or 30)
         self.stall_timeout = float(cfg.get("stall_timeout_s") or 0)
         self.start_timeout = float(cfg.get("start_timeout_s") or 0)
-        self.grace = float(cfg.get("fail_grace_s") or 3)
+        self.grace = float(cfg.get("fail_grace_s") or 1)
         self.started = time.time()
         # peer name -> what is known of it; a worker's only peer is the master
         self.peers = {name: {"last": self.started, "addr": None, "state": "running", "reason": None, "seq": 0,

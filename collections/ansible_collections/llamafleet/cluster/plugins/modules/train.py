@@ -197,7 +197,7 @@ options:
   fail_grace_s:
     description: With C(started), seconds between TERM and KILL when the supervisors stop a failed run.
     type: float
-    default: 3
+    default: 1
 """
 
 EXAMPLES = r"""
@@ -797,7 +797,7 @@ def main():
             peer_timeout_s=dict(type="float", default=30),
             stall_timeout_s=dict(type="float", default=1800),
             start_timeout_s=dict(type="float", default=900),
-            fail_grace_s=dict(type="float", default=3),
+            fail_grace_s=dict(type="float", default=1),
         ),
         supports_check_mode=False,
     )

@@ -346,7 +346,7 @@ def _check_for_stack(cfg: trainconfig.TrainingConfig, stack: Stack, state_dir: s
     arguments = {"path": cfg.path, "keys": sorted(cfg.data), "template": cfg.data.get("template"),
                  "allow_extra": extra_env.get("ALLOW_EXTRA_ARGS", "").lower() in ("1", "true")}
     surface = parity.load_llamafactory(state_dir, stack.venv_name) if not arguments["allow_extra"] else None
-    problems = trainconfig.check_precision(cfg, stack.cuda is None) + trainconfig.check_arguments(
+    problems = trainconfig.check_precision(cfg, stack.cpu_only) + trainconfig.check_arguments(
         cfg.path, arguments["keys"], arguments["template"], surface or {}, f"the nodes' stack-{stack.hash}")
     if problems:
         raise ConfigError(problems)
@@ -414,7 +414,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
     if not sync_model and model_source == "auto":
         model_source = "nodes"
     cfg = trainconfig.load_training(config, workdir=workdir, model_source=model_source, hub=hub.hub_of(extra_env))
-    cpu_only = stack.cuda is None
+    cpu_only = stack.cpu_only
     arguments = _check_for_stack(cfg, stack, state_dir, extra_env)
     plan = trainconfig.plan(cfg, cluster, cpu_only)
     state = Path(state_dir)

@@ -16,7 +16,8 @@ Lock format (schema 1)::
     flavors:
       cpu:
         description: ...
-        cuda: null                 # CUDA version the flavor's torch is built for
+        cuda: null                 # CUDA version the flavor's torch is built for; "system": the base image's
+                                   # (read from each node's torch, the same on every node); null: CPU only
         torch_mode: pip            # pip: installed from the lock; system: the node's own torch, verified
         packages: {torch: "2.13.0"}      # added to / overriding the common packages
         without: [torchvision]     # common packages this flavor leaves out
@@ -93,6 +94,16 @@ class Stack:
     @property
     def venv_name(self) -> str:
         return f"stack-{self.hash}"
+
+    @property
+    def cpu_only(self) -> bool:
+        """No GPU flavor: ``cuda`` is null. A flavor naming a CUDA version, or ``system`` (the base image's
+        CUDA), runs ``llamafleet_gpus`` processes per node."""
+        return self.cuda is None
+
+    @property
+    def cuda_label(self) -> str:
+        return "the base image's CUDA" if self.cuda == "system" else f"CUDA {self.cuda}"
 
     def requirements(self) -> list[list[str]]:
         """Install phases, each a list of ``name==version``: first everything torch-independent

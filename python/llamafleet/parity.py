@@ -153,7 +153,14 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
             add(name, pin or "not installed", found, bad, why)
     # torch's CUDA, NCCL: from the probe; what the flavor says they must be.
     found = {n: str(probes[n].get("torch_cuda") or "none") for n in live if "torch" in probes[n].get("packages", {})}
-    if found:
+    if found and stack.cuda == "system":
+        # the base image's CUDA: whatever it is, the same on every node, and a CUDA build
+        values = sorted(found.values())
+        common = max(set(values) - {"none"}, key=values.count, default="none")
+        bad = [n for n, v in found.items() if v == "none" or v != common]
+        add("torch.version.cuda", f"{common} on every node (the image's)" if common != "none" else "a CUDA build",
+            found, bad, f" (flavor {stack.flavor}: the image's torch must be a CUDA build, the same everywhere)")
+    elif found:
         exp = stack.cuda or "none"
         bad = [n for n, v in found.items() if v != exp]
         add("torch.version.cuda", exp, found, bad, f" (flavor {stack.flavor})")
@@ -183,7 +190,7 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
         found = {n: str(node_facts[n].get("driver") or "none") for n in nodes}
         need = stack.driver_min or "any"
         bad = [n for n in nodes if found[n] == "none" or (stack.driver_min and version_tuple(found[n]) < version_tuple(stack.driver_min))]
-        add("nvidia driver", f">= {need}", found, bad, f" (CUDA {stack.cuda} needs it; upgrade the driver, llamafleet never installs one)")
+        add("nvidia driver", f">= {need}", found, bad, f" ({stack.cuda_label} needs it; upgrade the driver, llamafleet never installs one)")
         found = {}
         for n in nodes:
             g = node_facts[n].get("gpus") or []

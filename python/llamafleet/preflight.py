@@ -39,10 +39,11 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
         if stack.cuda:
             driver = node.get("driver")
             if not driver:
-                problems.append(f"{host}: no NVIDIA driver answers (nvidia-smi) but flavor {stack.flavor} is CUDA "
-                                f"{stack.cuda}: install a driver >= {stack.driver_min or 'its minimum'} or use the cpu flavor")
+                problems.append(f"{host}: no NVIDIA driver answers (nvidia-smi) but flavor {stack.flavor} runs on "
+                                f"{stack.cuda_label}: install a driver >= {stack.driver_min or 'its minimum'} or use the "
+                                "cpu flavor")
             elif stack.driver_min and version_tuple(driver) < version_tuple(stack.driver_min):
-                problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which CUDA {stack.cuda} "
+                problems.append(f"{host}: NVIDIA driver {driver} is older than {stack.driver_min}, which {stack.cuda_label} "
                                 "needs: upgrade the driver (llamafleet checks drivers, never installs them)")
         if "rsync" in node:
             rsync = node.get("rsync")

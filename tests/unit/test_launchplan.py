@@ -123,3 +123,18 @@ def test_a_bad_run_id_is_one_error(job, cluster, tmp_path, run_id):
         launchplan.make_plan(job / "sft_lora.yaml", cluster, lock.load_stack(None, "cpu"), state_dir=tmp_path / "s",
                              run_id=run_id)
     assert not (tmp_path / "s" / "stage").exists()
+
+
+def test_the_system_flavor_is_planned_as_a_gpu_stack(job, tmp_path):
+    """The vetted-image flavor runs on the image's CUDA: every node runs llamafleet_gpus processes and the world
+    counts GPUs (it used to be planned as a CPU stack: one process per node)."""
+    hv = {"a": {"ansible_host": "10.0.0.1", "llamafleet_gpus": 8, "llamafleet_root": "/srv/a", "llamafleet_master": True},
+          "b": {"ansible_host": "10.0.0.2", "llamafleet_gpus": 4, "llamafleet_root": "/srv/b"}}
+    cluster = inventory.validate(["a", "b"], hv)
+    stack = lock.load_stack(None, "system")
+    assert stack.cuda == "system" and not stack.cpu_only
+    plan = launchplan.make_plan(job / "sft_lora.yaml", cluster, stack, state_dir=tmp_path / "state", workdir=job.parents[1],
+                                run_id="r1")
+    assert plan.plan["world_size"] == 12
+    assert plan.nodes["a"].env["NPROC_PER_NODE"] == "8" and plan.nodes["b"].env["NPROC_PER_NODE"] == "4"
+    assert "slots=8" in plan.hostfile and "slots=4" in plan.hostfile

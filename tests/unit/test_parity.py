@@ -15,6 +15,7 @@ def stack(tmp_path):
         flavors:
           cpu: {packages: {torch: "2.13.0"}}
           cu128: {cuda: "12.8", driver_min: "570.26", packages: {torch: "2.9.1", nvidia-nccl-cu12: "2.27.5"}}
+          system: {cuda: system, torch_mode: system, packages: {torch: "2.11.0"}}
         packages: {deepspeed: "0.19.8", transformers: "5.6.0"}
     """))
     return lambda flavor="cpu": lock.load_stack(p, flavor)
@@ -84,3 +85,25 @@ def test_report_round_trips_through_json(stack):
     r = parity.compare(stack(), {"a": insp(), "b": insp(torch="2.14.1")})
     again = parity.ParityReport.from_dict(r.to_dict())
     assert again.table() == r.table() and again.problems == r.problems
+
+
+def test_system_flavor_takes_the_images_cuda_and_requires_it_to_agree(stack):
+    """The image's torch: its CUDA version is not in the lock, so it is read from every node and compared; a CPU
+    build or a different CUDA on one node is named. The plan treats the flavor as a GPU one."""
+    gpu = [{"name": "NVIDIA H100", "memory_mib": 81559}]
+
+    def node(cuda):
+        i = insp(gpus=gpu * 8, driver="580.159.04", torch="2.11.0")
+        i["stack"]["probe"]["torch_cuda"] = cuda
+        return i
+    system = stack("system")
+    assert not system.cpu_only and system.cuda_label == "the base image's CUDA"
+    r = parity.compare(system, {"a": node("13.0"), "b": node("13.0")}, gpus={"a": 8, "b": 8})
+    assert r.ok, r.format()
+    row = next(x for x in r.rows if x.component == "torch.version.cuda")
+    assert row.expected == "13.0 on every node (the image's)"
+    r = parity.compare(system, {"a": node("13.0"), "b": node("13.0"), "c": node("12.8")}, gpus={"a": 8, "b": 8, "c": 8})
+    assert [(x.component, x.bad) for x in r.rows if not x.ok] == [("torch.version.cuda", ("c",))]
+    r = parity.compare(system, {"a": node("13.0"), "b": node(None)}, gpus={"a": 8, "b": 8})
+    assert [(x.component, x.bad) for x in r.rows if not x.ok] == [("torch.version.cuda", ("b",))]
+    assert stack("cpu").cpu_only

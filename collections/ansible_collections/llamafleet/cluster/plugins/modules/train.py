@@ -472,6 +472,16 @@ def _prepare(module, p, host):
                             "to a free port" % (p["master_port"], exc.strerror))
         finally:
             s.close()
+        # the supervisors' heartbeat uses the same port number over UDP
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("", p["master_port"]))
+        except OSError as exc:
+            problems.append("UDP port %d (the run's heartbeat, on the rendezvous port number) is already in use on "
+                            "the master (%s); set train_master_port to a port free for TCP and UDP"
+                            % (p["master_port"], exc.strerror))
+        finally:
+            u.close()
     if p["venv_name"]:
         out["node"], out["stack"] = node_facts(p, os.path.join(root, "stacks", p["venv_name"]))
     out.update(_hub_and_model(p))

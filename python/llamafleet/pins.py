@@ -96,3 +96,39 @@ def verify_cached(stack: Stack, cache_dir: str | os.PathLike, sources: list[str]
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"hash": stack.hash, "verified": sorted(stack.packages)}))
     return missing
+
+
+# What a Linux x86_64 node with glibc >= 2.28 installs: pip takes a wheel of any of these tags.
+LINUX_X86_64 = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                "manylinux_2_5_x86_64", "manylinux1_x86_64", "linux_x86_64")
+
+
+def dry_run_argv(stack: Stack, python: str, report: str | os.PathLike, target: str | os.PathLike,
+                 platforms: tuple[str, ...] = LINUX_X86_64) -> list[str]:
+    """``pip install --dry-run`` of the lock's wheels (every pin but the sdists built against torch) for the
+    nodes' platform and the lock's Python, resolved by pip exactly as a node's install would (``--no-deps``:
+    the lock is the closure), without downloading a single wheel (PEP 658 metadata)."""
+    later = set(stack.build_with_torch)
+    pins = [r for phase in stack.requirements() for r in phase if canonical_name(r.split("==")[0]) not in later]
+    ver = stack.python.replace(".", "")
+    argv = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "--no-input", "--python-version", stack.python, "--implementation", "cp",
+            "--abi", f"cp{ver}", "--target", str(target), "--report", str(report)]
+    for p in platforms:
+        argv += ["--platform", p]
+    return argv + list(stack.pip.args()) + pins
+
+
+def sdist_problems(stack: Stack, sources: list[str] | None = None, timeout: float = 20.0) -> list[str]:
+    """The pins built on the node against its torch (``build_with_torch``) that have no sdist on the sources."""
+    if sources is None:
+        sources = [stack.pip.index_url or DEFAULT_INDEX, *stack.pip.extra_index_urls, *stack.pip.find_links]
+    out = []
+    for name in stack.build_with_torch:
+        pin = stack.packages.get(name)
+        if pin is None or name in stack.system_provided:
+            continue
+        files = [fn for src in sources for fn in _listing(src, name, timeout)]
+        if not any(fn.endswith((".tar.gz", ".zip")) and _file_version(name, fn) == pin for fn in files):
+            out.append(f"{name}=={pin} (no sdist to build against the node's torch)")
+    return out

@@ -72,12 +72,15 @@ def node_env(
     cpus: int | None = None,
     system_path: str = SYSTEM_PATH,
     extra: Mapping[str, str] | None = None,
+    npu: bool = False,
 ) -> dict[str, str]:
     """The environment of ``node``'s training processes.
 
     ``cpus``: the node's CPU count; OMP_NUM_THREADS is cpus // processes on a GPU stack, and 1 on a
     CPU stack or when unknown (CPU-stack nodes may share one machine's cores in tests).
     ``extra``: more variables (e.g. NCCL_P2P_DISABLE); they may override anything but the rendezvous.
+    ``npu``: Ascend NPUs: ``ASCEND_RT_VISIBLE_DEVICES`` and ``HCCL_SOCKET_IFNAME`` (same syntax as NCCL's) instead
+    of the CUDA/NCCL names, and ``HCCL_CONNECT_TIMEOUT`` (HCCL's rendezvous wait, 120-7200 s) unless given.
     """
     if not 1 <= master_port <= 65535:
         raise ConfigError(f"master port {master_port} is not a TCP port; use one in 1024-65535 free on the master")
@@ -99,11 +102,13 @@ def node_env(
         "PATH": f"{venv}/bin:{system_path}",
     }
     if node.cuda_visible_devices and not cpu_only:
-        env["CUDA_VISIBLE_DEVICES"] = node.cuda_visible_devices
+        env["ASCEND_RT_VISIBLE_DEVICES" if npu else "CUDA_VISIBLE_DEVICES"] = node.cuda_visible_devices
     if node.nccl_socket_ifname:
-        env["NCCL_SOCKET_IFNAME"] = node.nccl_socket_ifname
-    if node.nccl_ib_disable is not None:
+        env["HCCL_SOCKET_IFNAME" if npu else "NCCL_SOCKET_IFNAME"] = node.nccl_socket_ifname
+    if node.nccl_ib_disable is not None and not npu:
         env["NCCL_IB_DISABLE"] = "1" if node.nccl_ib_disable else "0"
+    if npu:
+        env["HCCL_CONNECT_TIMEOUT"] = "1800"
     for key, value in (extra or {}).items():
         if key in RENDEZVOUS_KEYS:
             fix = "remove it (NODE_RANK is set per node)" if key == "RANK" else "remove it: llamafleet sets it per node"

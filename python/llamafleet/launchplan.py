@@ -434,7 +434,7 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
         model_path, model_check = _node_model(cfg, pinned, cache_dir, inputs_dir, model_synced)
         data = trainconfig.rewrite_for_node(cfg, inputs_dir, run_dir=run_dir, model_path=model_path,
                                             shared_inputs=shared_inputs, output_dir=shared_output)
-        env = launch.node_env(cluster, node, master_port=master_port, cpu_only=cpu_only, venv=venv,
+        env = launch.node_env(cluster, node, master_port=master_port, cpu_only=cpu_only, venv=venv, npu=stack.npu,
                               hf_home=f"{root}/cache/huggingface", mplconfigdir=f"{root}/cache/matplotlib", cpus=cpus,
                               extra={"TORCH_EXTENSIONS_DIR": f"{root}/cache/torch_extensions",
                                      "LLAMAFLEET_RUN_ID": run_id, **extra_env})

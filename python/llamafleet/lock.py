@@ -25,6 +25,8 @@ Lock format (schema 1)::
         pip: {index_url: null, extra_index_urls: [], find_links: []}
         nvcc: null                 # CUDA toolkit version required on the node (DeepSpeed ops), if any
         driver_min: null           # lowest NVIDIA driver that runs this CUDA, checked, never installed
+        accelerator: npu           # Ascend NPUs (torch_npu): cuda null, ASCEND_RT_VISIBLE_DEVICES/HCCL_* rendered
+        cann: "8.2.RC1"            # npu: the CANN toolkit every node must have (checked, never installed)
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Stack:
     pip: PipSource
     hash: str
     system_provided: tuple[str, ...] = ()  # torch_mode system: verified in the base image, not installed
+    accelerator: str | None = None  # cuda | npu | None (CPU only)
+    cann: str | None = None  # npu: the CANN version every node must have (checked, never installed); None: the same
 
     @property
     def venv_name(self) -> str:
@@ -97,9 +101,13 @@ class Stack:
 
     @property
     def cpu_only(self) -> bool:
-        """No GPU flavor: ``cuda`` is null. A flavor naming a CUDA version, or ``system`` (the base image's
-        CUDA), runs ``llamafleet_gpus`` processes per node."""
-        return self.cuda is None
+        """No accelerator: ``cuda`` is null and the flavor is not an NPU one. A flavor naming a CUDA version, or
+        ``system`` (the base image's CUDA), or ``accelerator: npu`` runs ``llamafleet_gpus`` processes per node."""
+        return self.accelerator is None
+
+    @property
+    def npu(self) -> bool:
+        return self.accelerator == "npu"
 
     @property
     def cuda_label(self) -> str:
@@ -236,7 +244,18 @@ def resolve(lock: Mapping[str, Any], flavor: str, pip_override: Mapping[str, Any
         pip=source,
         hash=digest,
         system_provided=system_provided,
+        accelerator=_accelerator(fl, flavor, lock["_path"]),
+        cann=str(fl["cann"]) if fl.get("cann") else None,
     )
+
+
+def _accelerator(fl: Mapping[str, Any], flavor: str, path: str) -> str | None:
+    kind = fl.get("accelerator") or ("cuda" if fl.get("cuda") else None)
+    if kind not in (None, "cuda", "npu"):
+        raise LockError(f"flavor {flavor} of {path}: accelerator is {kind!r}; use cuda, npu, or leave it out (CPU)")
+    if kind == "npu" and fl.get("cuda"):
+        raise LockError(f"flavor {flavor} of {path}: an npu flavor has no cuda version; remove cuda")
+    return kind
 
 
 def load_stack(path: str | Path | None, flavor: str, pip_override: Mapping[str, Any] | None = None) -> Stack:

@@ -186,6 +186,19 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
     elif len(set(found.values())) > 1:
         rows.append(Row("nvcc", "same on all nodes", found, ()))
         warnings.append("nvcc differs between nodes: " + ", ".join(f"{n}={v}" for n, v in found.items()))
+    if stack.npu:
+        found = {n: str(node_facts[n].get("npu_driver") or "none") for n in nodes}
+        bad = [n for n in nodes if found[n] == "none" or found[n] != found[nodes[0]]]
+        add("npu driver", "same on all nodes", found, bad, " (npu-smi; the same Ascend driver on every node)")
+        found = {n: str(node_facts[n].get("cann") or "none") for n in nodes}
+        exp = stack.cann or "same on all nodes"
+        bad = [n for n in nodes if found[n] == "none" or (found[n] != stack.cann if stack.cann else found[n] != found[nodes[0]])]
+        add("cann", exp, found, bad, " (the CANN toolkit; install the one the flavor names)")
+        found = {n: f"{len(node_facts[n].get('npus') or [])} x {(node_facts[n].get('npus') or [{}])[0].get('name')}"
+                 if node_facts[n].get("npus") else "0" for n in nodes}
+        want = gpus or {}
+        bad = [n for n in nodes if len(node_facts[n].get("npus") or []) < int(want.get(n, 1))]
+        add("npus", "llamafleet_gpus", found, bad, " (fewer NPUs than the inventory's llamafleet_gpus)")
     if stack.cuda:
         found = {n: str(node_facts[n].get("driver") or "none") for n in nodes}
         need = stack.driver_min or "any"

@@ -36,6 +36,9 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
             if free < min_disk_gb:
                 problems.append(f"{host}: only {free:.1f} GiB free at {node.get('disk_path')} (llamafleet_root's disk); "
                                 f"a stack needs {min_disk_gb:g} GiB (preflight_min_disk_gb): free space or move llamafleet_root")
+        if stack.npu and not node.get("npu_driver"):
+            problems.append(f"{host}: no Ascend driver answers (npu-smi info) but flavor {stack.flavor} runs on NPUs: "
+                            "install the Ascend driver and CANN, or use another flavor")
         if stack.cuda:
             driver = node.get("driver")
             if not driver:

@@ -91,6 +91,61 @@ def gpu_facts():
     return {"driver": driver, "gpus": gpus}
 
 
+_NPU_VERSION = re.compile(r"Version:\s*(\S+)")
+_NPU_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|")
+_HBM = re.compile(r"(\d+)\s*/\s*(\d+)\s*\|?\s*$")
+CANN_INFO = ("/usr/local/Ascend/ascend-toolkit/latest/{arch}-linux/ascend_toolkit_install.info",
+             "/usr/local/Ascend/ascend-toolkit/latest/version.cfg",
+             "/usr/local/Ascend/ascend-toolkit/latest/compiler/version.info")
+
+
+def parse_npu_smi(text):
+    """Driver version and NPUs (name, HBM MiB, health) from ``npu-smi info``: one two-line row per NPU, the
+    first with its id, name and health, the second ending with HBM used / total."""
+    m = _NPU_VERSION.search(text or "")
+    npus, current = [], None
+    for line in (text or "").splitlines():
+        row = _NPU_ROW.match(line)
+        if row and not line.lstrip("| ").startswith("NPU"):
+            current = {"name": row.group(2), "health": row.group(3), "memory_mib": None}
+            npus.append(current)
+            continue
+        if current is not None and current["memory_mib"] is None and "0000:" in line:
+            hbm = _HBM.search(line.rstrip())
+            if hbm:
+                current["memory_mib"] = int(hbm.group(2))
+            current = None
+    return {"npu_driver": m.group(1) if m else None, "npus": npus}
+
+
+def parse_cann_version(text):
+    """The CANN version from the toolkit's install info (``version=8.2.RC1`` or ``Version=...``)."""
+    m = re.search(r"^\s*(?:package_)?version\s*=\s*([^\s#]+)", text or "", re.I | re.M)
+    return m.group(1).strip("\"'") if m else None
+
+
+def npu_facts():
+    """Ascend NPUs: empty on a node without npu-smi."""
+    smi = shutil.which("npu-smi")
+    if not smi:
+        return {}
+    rc, out, err = run([smi, "info"], timeout=30)
+    facts = parse_npu_smi(out) if rc == 0 else {"npu_driver": None, "npus": [], "npu_error": (err or out).strip()[-300:]}
+    cann = None
+    for cand in CANN_INFO:
+        text = None
+        try:
+            with open(cand.format(arch=os.uname().machine)) as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        cann = parse_cann_version(text)
+        if cann:
+            break
+    facts["cann"] = cann
+    return facts
+
+
 def nvcc_version():
     for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.exists(cand):
@@ -352,4 +407,5 @@ def node_facts(p, venv):
         "rsync": rsync_version(),
     }
     node.update(gpu_facts())
+    node.update(npu_facts())
     return node, state

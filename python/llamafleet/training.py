@@ -50,6 +50,7 @@ class RunStatus:
     nodes: tuple[NodeRun, ...]
     progress: dict[str, Any] | None  # rank 0's last trainer_log.jsonl record
     started_at: float | None
+    master: str | None = None  # the master node's name
 
     @property
     def running(self) -> bool:
@@ -126,6 +127,7 @@ def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
     nodes, progress, run_id, started = [], None, None, None
     validated = next(iter((run.results.get("validate") or {}).values()), {})
     names = [n["name"] for n in (validated.get("cluster") or {}).get("nodes", [])]
+    master = (validated.get("cluster") or {}).get("master")
     for host in names:
         o = run.hosts.get(host)
         if o is None:
@@ -145,14 +147,15 @@ def _node_runs(run: PlaybookResult) -> tuple[RunStatus, list[str]]:
         run_id = run_id or r.get("run_id")
         progress = progress or r.get("progress")
         started = started or r.get("started_at")
-    return RunStatus(run_id, tuple(nodes), progress, started), run.failure_messages() if not run.ok else []
+    return RunStatus(run_id, tuple(nodes), progress, started, master), run.failure_messages() if not run.ok else []
 
 
 def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any],
-              cancel: threading.Event | None = None) -> RunStatus:
-    """Run playbooks/<verb>.yml on every node; an error before any node answered (a bad inventory) is raised.
-    A run cut short by ``cancel`` says nothing: it returns a status without nodes."""
-    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars, cancel=cancel))
+              cancel: threading.Event | None = None, limit: str | None = None) -> RunStatus:
+    """Run playbooks/<verb>.yml on every node (``limit``: those nodes only); an error before any node answered
+    (a bad inventory) is raised. A run cut short by ``cancel`` says nothing: it returns a status without nodes."""
+    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars, cancel=cancel,
+                                         limit=limit))
     if cancel is not None and cancel.is_set():
         return RunStatus(st.run_id, (), None, None)
     if errors and not st.nodes:
@@ -161,10 +164,11 @@ def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any]
 
 
 def status(inventory: str | os.PathLike, run_id: str | None = None, *, log_lines: int = 20,
-           extravars: Mapping[str, Any] | None = None, cancel: threading.Event | None = None) -> RunStatus:
-    """Where the run (default: each node's active run) stands on every node."""
+           extravars: Mapping[str, Any] | None = None, cancel: threading.Event | None = None,
+           limit: str | None = None) -> RunStatus:
+    """Where the run (default: each node's active run) stands on every node (``limit``: on those only)."""
     return _run_verb("status", inventory, _extra(extravars, train_run_id=check_run_id(run_id) or "",
-                                                 train_log_lines=log_lines), cancel)
+                                                 train_log_lines=log_lines), cancel, limit)
 
 
 def stop(inventory: str | os.PathLike, run_id: str | None = None, *, grace_s: int = 20,
@@ -241,7 +245,7 @@ def follow(inventory: str | os.PathLike, run_id: str | None = None, *, poll_s: f
     while True:
         if cancel is not None and cancel.is_set():
             return _cancelled(inventory, run_id, st, stop_on_cancel, extravars)
-        st = status(inventory, run_id, log_lines=60, extravars=extravars, cancel=cancel)
+        st = _look(inventory, run_id, st, extravars, cancel)
         if cancel is not None and cancel.is_set():  # cut short: what it saw says nothing about the run
             return _cancelled(inventory, run_id, st, stop_on_cancel, extravars)
         if on_status:
@@ -272,6 +276,23 @@ def follow(inventory: str | os.PathLike, run_id: str | None = None, *, poll_s: f
     return TrainResult(ok=state == "succeeded", run_id=run_id, state=state, plan=None, summary="",
                        status=RunStatus(final.run_id, final.nodes, st.progress, final.started_at),
                        errors=tuple(errors), run_dir=run_dir(run_id, extravars), outputs=outs, log_path=None)
+
+
+def _look(inventory: str | os.PathLike, run_id: str, last: RunStatus, extravars: Mapping[str, Any] | None,
+          cancel: threading.Event | None) -> RunStatus:
+    """One look at the run. While it runs, only the master is asked: its supervisor hears every worker's
+    heartbeat and stops the run when one fails, so the master's ranks still running says as much as every
+    node's answer, at one node's cost instead of all of theirs (the others are shown as last seen). Every
+    node is asked first, and again as soon as the master's ranks are not running or it does not answer."""
+    if last.master and last.nodes and all(n.state in ("running", "unreachable") for n in last.nodes):
+        look = status(inventory, run_id, log_lines=0, extravars=extravars, cancel=cancel, limit=last.master)
+        mine = next((n for n in look.nodes if n.name == last.master), None)
+        if mine is not None and mine.state == "running":
+            others = tuple(n for n in last.nodes if n.name != last.master)
+            return dataclasses.replace(look, nodes=(mine, *others), master=last.master)
+        if cancel is not None and cancel.is_set():
+            return look
+    return status(inventory, run_id, log_lines=60, extravars=extravars, cancel=cancel)
 
 
 def _cancelled(inventory: str | os.PathLike, run_id: str, last: RunStatus, stop_on_cancel: bool,

@@ -169,3 +169,30 @@ def test_follow_waits_for_a_node_that_misses_a_look_and_reports_the_supervisors_
     assert result.errors[0] == "the run failed: b: training exited with code 1"
     assert "b exited with code 1" in result.errors[2] and "RuntimeError: boom" in result.errors[2]
     assert ended.format_line().endswith("| b: training exited with code 1")
+
+
+def test_while_the_master_runs_follow_asks_only_the_master(monkeypatch):
+    """Its supervisor stops the run when any worker fails: one node per look while it runs, every node at
+    the first look and as soon as the master's ranks are not running."""
+    both = RunStatus("r1", (NodeRun("a", "running", None, 10, ()), NodeRun("b", "running", None, 11, ())),
+                     None, 1.0, "a")
+    master_only = RunStatus("r1", (NodeRun("a", "running", None, 10, ()),), {"current_steps": 2}, 1.0, "a")
+    master_stopped = RunStatus("r1", (NodeRun("a", "stopped", None, 10, (), "b: training exited with code 1", "b"),),
+                               None, 1.0, "a")
+    ended = RunStatus("r1", (NodeRun("a", "stopped", None, 10, (), "b: training exited with code 1", "b"),
+                             NodeRun("b", "exited-error", 1, 11, (), "b: training exited with code 1", "b")),
+                      None, 1.0, "a")
+    answers = {None: iter([both, ended, ended]), "a": iter([master_only, master_only, master_stopped])}
+    asked = []
+
+    def status(inv, run_id=None, *, limit=None, **kw):
+        asked.append(limit)
+        return next(answers[limit])
+    monkeypatch.setattr(training, "status", status)
+    monkeypatch.setattr(training, "stop", lambda *a, **k: ended)
+    monkeypatch.setattr(training, "collect", lambda *a, **k: {})
+    seen = []
+    result = training.follow("inv", "r1", poll_s=0.01, on_status=seen.append)
+    assert asked == [None, "a", "a", "a", None, None]  # the last: the final status after collecting
+    assert result.state == "failed" and result.errors[0] == "the run failed: b: training exited with code 1"
+    assert [n.name for n in seen[1].nodes] == ["a", "b"] and seen[1].progress == {"current_steps": 2}

@@ -8,8 +8,8 @@ DOCUMENTATION = r"""
 module: serve
 short_description: Serve a llamafleet run's adapter or export on this node with llamafactory-cli api
 description:
-  - C(started) writes the server's directory C(<root>/servers/<run_id>) (mode 0700: C(api.yaml), C(serve.env) with the
-    API key, mode 0600, the log) and starts C(llamafactory-cli api) from the run's own stack, detached from the SSH
+  - C(started) writes the server's directory C(<root>/servers/<run_id>) (mode 0700, with C(api.yaml), C(serve.env)
+    holding the API key in mode 0600, and the log) and starts C(llamafactory-cli api) from the run's own stack, detached from the SSH
     session, bound to C(host):C(port) (the node's own address unless told otherwise), with the hub offline. It is
     ready only when C(/v1/models) lists the model and a real chat completion comes back, both with the key; a key
     is always required. A busy port, a run without an adapter or export, a server of the run already running are

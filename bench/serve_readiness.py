@@ -131,7 +131,7 @@ class Bench:
         script = (f"cd {shlex.quote(str(self.run_dir))} && . ./node.env && unset FORCE_TORCHRUN NNODES NODE_RANK "
                   f"MASTER_ADDR MASTER_PORT NPROC_PER_NODE && export API_HOST={node.ip} API_PORT={port} "
                   f"API_MODEL_NAME=byhand API_KEY=$(cat byhand/key) && cd byhand && "
-                  "setsid nohup llamafactory-cli api api.yaml > api.log 2>&1 < /dev/null & echo $!")
+                  "{ setsid nohup llamafactory-cli api api.yaml > api.log 2>&1 < /dev/null & echo $!; }")
         endpoint = f"http://{node.ip}:{port}/v1"
         t0 = time.monotonic()
         pid = int(self.tb.ssh(node, script).stdout.split()[-1])

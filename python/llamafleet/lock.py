@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from .errors import LockError
+from .rules import canon
 
 LOCKS_DIR = Path(__file__).resolve().parent / "locks"
 DEFAULT_LOCK = LOCKS_DIR / "default.yml"
@@ -50,9 +51,8 @@ _PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
-def canonical_name(name: str) -> str:
-    """PEP 503 normalized project name: ``Jinja2`` and ``jinja2``, ``typing_extensions`` and ``typing-extensions`` are one."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+# PEP 503 normalized project name: ``Jinja2`` and ``jinja2``, ``typing_extensions`` and ``typing-extensions`` are one.
+canonical_name = canon
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,16 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .lock import Stack
+from .rules import BASELINE, package_drift, version_matches
 
-_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
 MISSING = "-"
-
-
-def version_matches(pin: str, found: str | None) -> bool:
-    """PEP 440 ``==``: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label only itself."""
-    if found is None:
-        return False
-    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
@@ -100,71 +93,108 @@ class ParityReport:
         return text
 
 
+class _Builder:
+    """Rows, problems and warnings of a report being made; ``add`` turns every bad cell into a problem."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def add(self, component: str, expected: str, found: dict[str, str], bad: Sequence[str],
+            why: str | Mapping[str, str] = "") -> None:
+        """``why``: one reason for every bad node, or each bad node's own."""
+        self.rows.append(Row(component, expected, found, tuple(bad), why if isinstance(why, str) else ""))
+        for b in bad:
+            reason = why if isinstance(why, str) else why.get(b, "")
+            self.problems.append(f"{b}: {component} is {found.get(b, MISSING)}, expected {expected}{reason}")
+
+
 def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Mapping[str, int] | None = None) -> ParityReport:
     """Compare the nodes' inspections (``{node: {"node": ..., "stack": ...}}``) with each other and the lock."""
     nodes = tuple(inspections)
-    rows: list[Row] = []
-    problems: list[str] = []
-    warnings: list[str] = []
+    b = _Builder()
     probes: dict[str, dict[str, Any]] = {}
     for n in nodes:
         st = inspections[n].get("stack") or {}
         probe = st.get("probe") or {}
         if st.get("status") in (None, "absent", "incomplete") or "error" in probe:
-            problems.append(f"{n}: no complete stack venv at {st.get('path', '?')} "
-                            f"({probe.get('error') or st.get('status')}); run provision for this node")
+            b.problems.append(f"{n}: no complete stack venv at {st.get('path', '?')} "
+                              f"({probe.get('error') or st.get('status')}); run provision for this node")
             probe = {}
         probes[n] = probe
-
-    def add(component: str, expected: str, found: dict[str, str], bad: Sequence[str], why: str) -> None:
-        rows.append(Row(component, expected, found, tuple(bad), why))
-        for b in bad:
-            problems.append(f"{b}: {component} is {found.get(b, MISSING)}, expected {expected}{why}")
-
     live = [n for n in nodes if probes[n]]
-    # Python: the minor must be the lock's on every node.
+    built = {n: (inspections[n].get("stack") or {}).get("built") or {} for n in live}
+    _python_rows(b, stack, probes, live)
+    _package_rows(b, stack, probes, live, built)
+    _cuda_rows(b, stack, probes, live)
+    facts = {n: inspections[n].get("node") or {} for n in nodes}
+    _toolchain_rows(b, stack, facts)
+    if stack.npu:
+        _npu_rows(b, stack, facts, gpus or {})
+    if stack.cuda:
+        _gpu_rows(b, stack, facts, gpus or {})
+    for n in live:
+        st = inspections[n].get("stack") or {}
+        if st.get("stripped_present"):
+            b.add("stripped files", "absent", {n: f"{len(st['stripped_present'])} present"}, [n],
+                  f" (the {stack.flavor} flavor deletes them; run provision to repair)")
+    return ParityReport(ok=not b.problems, lock_file=stack.lock_file, flavor=stack.flavor, stack_hash=stack.hash,
+                        nodes=nodes, rows=tuple(b.rows), problems=tuple(b.problems), warnings=tuple(b.warnings))
+
+
+def _python_rows(b: _Builder, stack: Stack, probes: Mapping[str, dict[str, Any]], live: list[str]) -> None:
+    """The minor must be the lock's on every node; patch releases that differ are a warning."""
     found = {n: probes[n].get("python", MISSING) for n in live}
     bad = [n for n in live if ".".join(found[n].split(".")[:2]) != stack.python]
-    add("python", stack.python, found, bad, " (the lock's Python minor)")
+    b.add("python", stack.python, found, bad, " (the lock's Python minor)")
     patches = set(found.values())
     if not bad and len(patches) > 1:
-        warnings.append(f"python patch releases differ between nodes: {', '.join(sorted(patches))}")
-    # Packages: the lock's components first, in its order, then every package that differs anywhere.
-    expected_pkgs = stack.packages
+        b.warnings.append(f"python patch releases differ between nodes: {', '.join(sorted(patches))}")
+
+
+def _package_rows(b: _Builder, stack: Stack, probes: Mapping[str, dict[str, Any]], live: list[str],
+                  built: Mapping[str, Mapping[str, str]]) -> None:
+    """The lock's components first, in its order, then every package that is wrong anywhere. A pinned package
+    is wrong where the node's own rule says so (rules.package_drift: the pin, and the build provision
+    installed); pinned packages that still differ between nodes are wrong where they differ from most."""
+    expected = stack.packages
+    installed = {n: probes[n].get("packages", {}) for n in live}
+    drift = {n: set(package_drift(expected, installed[n], built.get(n))) for n in live}
     names = list(stack.components)
-    everything = set(expected_pkgs)
-    for n in live:
-        everything |= set(probes[n].get("packages", {}))
-    for name in sorted(everything - set(names) - _BASELINE):
-        names.append(name)
+    everything = set(expected).union(*(set(installed[n]) for n in live))
+    names += sorted(everything - set(names) - BASELINE)
     for name in names:
-        pin = expected_pkgs.get(name)
-        found = {n: probes[n].get("packages", {}).get(name, MISSING) for n in live}
-        if pin is not None:
-            bad = [n for n in live if not version_matches(pin, None if found[n] == MISSING else found[n])]
-            why = ""
+        pin = expected.get(name)
+        found = {n: installed[n].get(name, MISSING) for n in live}
+        if pin is None:
+            bad, why = [n for n in live if found[n] != MISSING], " (the lock does not list this package)"
         else:
-            bad = [n for n in live if found[n] != MISSING]
-            why = " (the lock does not list this package)"
+            bad = [n for n in live if name in drift[n]]
+            why = {n: " (another build than provision installed; run provision to repair)"
+                   for n in bad if version_matches(pin, found[n])}
         if not bad and len(set(found.values())) > 1:
-            bad = [n for n in live if found[n] != found[live[0]]]  # same pin, different builds (+cpu vs +cu126)
-            why = " (nodes differ)"
+            values = list(found.values())
+            common = max(values, key=values.count)
+            bad, why = [n for n in live if found[n] != common], " (nodes differ)"  # same pin, other builds
         if name in stack.components or bad:
-            add(name, pin or "not installed", found, bad, why)
-    # torch's CUDA, NCCL: from the probe; what the flavor says they must be.
+            b.add(name, pin or "not installed", found, bad, why)
+
+
+def _cuda_rows(b: _Builder, stack: Stack, probes: Mapping[str, dict[str, Any]], live: list[str]) -> None:
+    """torch's CUDA and NCCL, from the probe: what the flavor says they must be."""
     found = {n: str(probes[n].get("torch_cuda") or "none") for n in live if "torch" in probes[n].get("packages", {})}
     if found and stack.cuda == "system":
         # the base image's CUDA: whatever it is, the same on every node, and a CUDA build
         values = sorted(found.values())
         common = max(set(values) - {"none"}, key=values.count, default="none")
         bad = [n for n, v in found.items() if v == "none" or v != common]
-        add("torch.version.cuda", f"{common} on every node (the image's)" if common != "none" else "a CUDA build",
-            found, bad, f" (flavor {stack.flavor}: the image's torch must be a CUDA build, the same everywhere)")
+        b.add("torch.version.cuda", f"{common} on every node (the image's)" if common != "none" else "a CUDA build",
+              found, bad, f" (flavor {stack.flavor}: the image's torch must be a CUDA build, the same everywhere)")
     elif found:
         exp = stack.cuda or "none"
-        bad = [n for n, v in found.items() if v != exp]
-        add("torch.version.cuda", exp, found, bad, f" (flavor {stack.flavor})")
-    nccl_pkg = next((p for p in expected_pkgs if p.startswith("nvidia-nccl-")), None)
+        b.add("torch.version.cuda", exp, found, [n for n, v in found.items() if v != exp], f" (flavor {stack.flavor})")
+    nccl_pkg = next((p for p in stack.packages if p.startswith("nvidia-nccl-")), None)
     found = {}
     for n in live:
         pr = probes[n]
@@ -172,55 +202,53 @@ def compare(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], gpus: Ma
         found[n] = v or "none"
     if any(v != "none" for v in found.values()) or nccl_pkg:
         bad = [n for n in live if found[n] != found[live[0]]] if live else []
-        add("nccl", expected_pkgs.get(nccl_pkg, "same on all nodes") if nccl_pkg else "same on all nodes", found, bad, " (nodes differ)")
-    # torch_mode=system: the base image's torch must be the pinned one (already a package row).
-    # The toolchain and the hardware.
-    node_facts = {n: inspections[n].get("node") or {} for n in nodes}
-    found = {n: str(node_facts[n].get("nvcc") or "none") for n in nodes}
+        b.add("nccl", stack.packages.get(nccl_pkg, "same on all nodes") if nccl_pkg else "same on all nodes", found, bad,
+              " (nodes differ)")
+
+
+def _toolchain_rows(b: _Builder, stack: Stack, facts: Mapping[str, Mapping[str, Any]]) -> None:
+    found = {n: str(facts[n].get("nvcc") or "none") for n in facts}
     if stack.nvcc:
-        bad = [n for n in nodes if found[n] != stack.nvcc]
-        rows.append(Row("nvcc", stack.nvcc, found, ()))
-        for b in bad:  # DeepSpeed only compiles ops (FusedAdam, CPU Adam) with it: warn, do not block
-            warnings.append(f"{b}: nvcc is {found[b]}, the {stack.flavor} flavor expects {stack.nvcc} "
-                            "(needed only for DeepSpeed's compiled optimizers; install the CUDA toolkit to match)")
+        b.rows.append(Row("nvcc", stack.nvcc, found, ()))
+        for n in (n for n in facts if found[n] != stack.nvcc):
+            # DeepSpeed only compiles ops (FusedAdam, CPU Adam) with it: warn, do not block
+            b.warnings.append(f"{n}: nvcc is {found[n]}, the {stack.flavor} flavor expects {stack.nvcc} "
+                              "(needed only for DeepSpeed's compiled optimizers; install the CUDA toolkit to match)")
     elif len(set(found.values())) > 1:
-        rows.append(Row("nvcc", "same on all nodes", found, ()))
-        warnings.append("nvcc differs between nodes: " + ", ".join(f"{n}={v}" for n, v in found.items()))
-    if stack.npu:
-        found = {n: str(node_facts[n].get("npu_driver") or "none") for n in nodes}
-        bad = [n for n in nodes if found[n] == "none" or found[n] != found[nodes[0]]]
-        add("npu driver", "same on all nodes", found, bad, " (npu-smi; the same Ascend driver on every node)")
-        found = {n: str(node_facts[n].get("cann") or "none") for n in nodes}
-        exp = stack.cann or "same on all nodes"
-        bad = [n for n in nodes if found[n] == "none" or (found[n] != stack.cann if stack.cann else found[n] != found[nodes[0]])]
-        add("cann", exp, found, bad, " (the CANN toolkit; install the one the flavor names)")
-        found = {n: f"{len(node_facts[n].get('npus') or [])} x {(node_facts[n].get('npus') or [{}])[0].get('name')}"
-                 if node_facts[n].get("npus") else "0" for n in nodes}
-        want = gpus or {}
-        bad = [n for n in nodes if len(node_facts[n].get("npus") or []) < int(want.get(n, 1))]
-        add("npus", "llamafleet_gpus", found, bad, " (fewer NPUs than the inventory's llamafleet_gpus)")
-    if stack.cuda:
-        found = {n: str(node_facts[n].get("driver") or "none") for n in nodes}
-        need = stack.driver_min or "any"
-        bad = [n for n in nodes if found[n] == "none" or (stack.driver_min and version_tuple(found[n]) < version_tuple(stack.driver_min))]
-        add("nvidia driver", f">= {need}", found, bad, f" ({stack.cuda_label} needs it; upgrade the driver, llamafleet never installs one)")
-        found = {}
-        for n in nodes:
-            g = node_facts[n].get("gpus") or []
-            found[n] = f"{len(g)} x {g[0]['name']} ({g[0]['memory_mib']} MiB)" if g else "0"
-        want = gpus or {}
-        bad = [n for n in nodes if len(node_facts[n].get("gpus") or []) < int(want.get(n, 1))]
-        add("gpus", "llamafleet_gpus", found, bad, " (fewer GPUs than the inventory's llamafleet_gpus)")
-        models = {(node_facts[n].get("gpus") or [{}])[0].get("name") for n in nodes}
-        if len(models) > 1:
-            warnings.append("GPU models differ between nodes: " + ", ".join(sorted(str(m) for m in models)))
-    for n in live:
-        st = inspections[n].get("stack") or {}
-        if st.get("stripped_present"):
-            add("stripped files", "absent", {n: f"{len(st['stripped_present'])} present"}, [n],
-                f" (the {stack.flavor} flavor deletes them; run provision to repair)")
-    return ParityReport(ok=not problems, lock_file=stack.lock_file, flavor=stack.flavor, stack_hash=stack.hash,
-                        nodes=nodes, rows=tuple(rows), problems=tuple(problems), warnings=tuple(warnings))
+        b.rows.append(Row("nvcc", "same on all nodes", found, ()))
+        b.warnings.append("nvcc differs between nodes: " + ", ".join(f"{n}={v}" for n, v in found.items()))
+
+
+def _npu_rows(b: _Builder, stack: Stack, facts: Mapping[str, Mapping[str, Any]], gpus: Mapping[str, int]) -> None:
+    nodes = list(facts)
+    found = {n: str(facts[n].get("npu_driver") or "none") for n in nodes}
+    bad = [n for n in nodes if found[n] == "none" or found[n] != found[nodes[0]]]
+    b.add("npu driver", "same on all nodes", found, bad, " (npu-smi; the same Ascend driver on every node)")
+    found = {n: str(facts[n].get("cann") or "none") for n in nodes}
+    bad = [n for n in nodes if found[n] == "none" or (found[n] != stack.cann if stack.cann else found[n] != found[nodes[0]])]
+    b.add("cann", stack.cann or "same on all nodes", found, bad, " (the CANN toolkit; install the one the flavor names)")
+    found = {n: f"{len(facts[n].get('npus') or [])} x {(facts[n].get('npus') or [{}])[0].get('name')}"
+             if facts[n].get("npus") else "0" for n in nodes}
+    bad = [n for n in nodes if len(facts[n].get("npus") or []) < int(gpus.get(n, 1))]
+    b.add("npus", "llamafleet_gpus", found, bad, " (fewer NPUs than the inventory's llamafleet_gpus)")
+
+
+def _gpu_rows(b: _Builder, stack: Stack, facts: Mapping[str, Mapping[str, Any]], gpus: Mapping[str, int]) -> None:
+    nodes = list(facts)
+    found = {n: str(facts[n].get("driver") or "none") for n in nodes}
+    bad = [n for n in nodes if found[n] == "none"
+           or (stack.driver_min and version_tuple(found[n]) < version_tuple(stack.driver_min))]
+    b.add("nvidia driver", f">= {stack.driver_min or 'any'}", found, bad,
+          f" ({stack.cuda_label} needs it; upgrade the driver, llamafleet never installs one)")
+    found = {}
+    for n in nodes:
+        g = facts[n].get("gpus") or []
+        found[n] = f"{len(g)} x {g[0]['name']} ({g[0]['memory_mib']} MiB)" if g else "0"
+    bad = [n for n in nodes if len(facts[n].get("gpus") or []) < int(gpus.get(n, 1))]
+    b.add("gpus", "llamafleet_gpus", found, bad, " (fewer GPUs than the inventory's llamafleet_gpus)")
+    models = {(facts[n].get("gpus") or [{}])[0].get("name") for n in nodes}
+    if len(models) > 1:
+        b.warnings.append("GPU models differ between nodes: " + ", ".join(sorted(str(m) for m in models)))
 
 
 def compare_model(fingerprints: Mapping[str, Mapping[str, Any]], *, label: str, reference: str,

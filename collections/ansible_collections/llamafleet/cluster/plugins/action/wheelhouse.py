@@ -14,8 +14,7 @@ from ansible.plugins.action import ActionBase
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401  (makes llamafleet importable)
 
 from llamafleet.lock import resolve_dict
-
-MARKER = ".llamafleet-complete"
+from llamafleet.rules import MARKER
 
 
 class ActionModule(ActionBase):

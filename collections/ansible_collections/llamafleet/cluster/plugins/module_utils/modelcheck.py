@@ -11,6 +11,8 @@ import json
 import os
 import struct
 
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import sha256_file
+
 # Files up to this size are hashed whole (config, tokenizer, generation config, chat template):
 # they are what differs between two revisions that keep their weight sizes.
 SMALL_FILE = 32 * 2**20
@@ -20,17 +22,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # a safetensors header is a JSON object of at most 100 MB (the format's own limit)
 _MAX_HEADER = 100 * 2**20
-
-
-def _sha256(path, limit=None):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if limit is not None:
-            h.update(fh.read(limit))
-        else:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _safetensors(path, size):
@@ -116,7 +107,7 @@ def fingerprint(path, expect_sizes=None, model=True):
             if problem:
                 problems.append("%s %s" % (rel, problem))
         else:
-            digest = "sha256:" + _sha256(full)[:16] if size <= SMALL_FILE else ""
+            digest = "sha256:" + sha256_file(full)[:16] if size <= SMALL_FILE else ""
         out["files"][rel] = ("%d %s" % (size, digest)).strip()
     names = set(out["files"])
     if not model:

@@ -14,6 +14,15 @@ import socket
 import subprocess
 import time
 
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import (
+    CANON,
+    MARKER,  # noqa: F401  (the node module marks venvs with it)
+    canon,
+    extras,
+    package_drift,
+    read_marker,
+)
+
 # Run by the venv's own Python: the versions it reports are the ones training will import.
 # Package versions come from distribution metadata (no `import torch`: a probe must cost
 # milliseconds); torch's CUDA version is read from torch/version.py for the same reason.
@@ -26,7 +35,7 @@ prefix = os.path.realpath(sys.prefix) + os.sep
 for d in md.distributions():
     name = d.metadata["Name"]
     if name:
-        name = re.sub(r"[-_.]+", "-", name).lower()
+        name = re.sub(CANON, "-", name).lower()
         out["packages"].setdefault(name, d.version)
         # installed in this venv, as opposed to seen through --system-site-packages
         if os.path.realpath(str(d.locate_file(""))).startswith(prefix):
@@ -56,7 +65,7 @@ if os.environ.get("LLAMAFLEET_PROBE_NCCL") == "1":
     except Exception as exc:  # a broken torch is a finding, not a probe crash
         out["nccl_torch_error"] = repr(exc)[:300]
 print(json.dumps(out))
-"""
+""".replace("CANON", repr(CANON))
 
 # the probe's cache, in the venv (beside the NCCL answer's)
 PROBE_CACHE = ".llamafleet-probe.json"
@@ -277,25 +286,11 @@ def llamafactory_surface(venv, probe):
     return value
 
 
-MARKER = ".llamafleet-complete"
-# Installed by venv/ensurepip, not by the lock: never reported as extras.
-_BASELINE = {"pip", "setuptools", "wheel", "distribute"}
 _CRED = re.compile(r"(://)[^/@\s]+@")
-
-
-def canon(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def redact(text):
     return _CRED.sub(r"\1***@", text)
-
-
-def _version_matches(pin, found):
-    """PEP 440 ==: a pin without a local label (2.13.0) matches 2.13.0+cpu; one with a label matches it exactly."""
-    if found is None:
-        return False
-    return found == pin or ("+" not in pin and found.split("+", 1)[0] == pin)
 
 
 def _interpreter(name):
@@ -327,8 +322,8 @@ def stack_state(p, venv):
     state = {"path": venv, "status": "absent", "probe": None, "drift": [], "extras": [], "stripped_present": []}
     if not os.path.isdir(venv):
         return state
-    marker = os.path.join(venv, MARKER)
-    if not os.path.isfile(marker) or not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
+    built = read_marker(venv)
+    if built is None or not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
         state["status"] = "incomplete"
         return state
     probe = probe_venv(venv, p["gpu_expected"])
@@ -343,11 +338,9 @@ def stack_state(p, venv):
         return state
     expected = _expected(p["requirements"])
     installed = probe["packages"]
-    for name, pin in sorted(expected.items()):
-        if not _version_matches(pin, installed.get(name)):
-            state["drift"].append("%s==%s" % (name, pin))
-    local = set(probe.get("local_packages", installed))
-    state["extras"] = sorted(n for n in local if n not in expected and n not in _BASELINE)
+    state["built"] = built.get("packages") or {}
+    state["drift"] = ["%s==%s" % (name, expected[name]) for name in package_drift(expected, installed, state["built"])]
+    state["extras"] = extras(expected, set(probe.get("local_packages", installed)))
     for pkg, patterns in p["strip"].items():
         for pattern in patterns:
             state["stripped_present"] += glob.glob(os.path.join(probe["site_packages"], pattern))

@@ -101,7 +101,6 @@ stack:
 
 import fcntl
 import glob
-import json
 import os
 import re
 import shutil
@@ -110,7 +109,6 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import (
-    MARKER,
     node_facts,
     probe_venv,
     redact as _redact,
@@ -118,6 +116,7 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import (
     stack_state as _stack_state,
 )
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import read_marker, write_marker
 
 _NETWORK = re.compile(r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
                       r"Failed to establish a new connection|Connection refused|No route to host")
@@ -212,8 +211,15 @@ def _build(module, p, venv, interpreter):
     _install_phases(module, p, venv, p["requirements"])
     _strip(p, venv)
     _smoke(p, venv)
-    with open(os.path.join(venv, MARKER), "w") as fh:
-        json.dump({"venv_name": p["venv_name"], "built": time.time()}, fh)
+    write_marker(venv, p["venv_name"], probe_venv(venv, False)["packages"], time.time())
+
+
+def _record_build(p, venv, state):
+    """A venv marked complete before markers recorded the build gets its record now, from a state that matches
+    the lock: from then on a package changed to another build of its pinned version is drift."""
+    built = read_marker(venv)
+    if state["status"] == "ok" and built is not None and "packages" not in built:
+        write_marker(venv, p["venv_name"], state["probe"]["packages"], built.get("built") or time.time())
 
 
 def _run_using(root, venv):
@@ -268,8 +274,9 @@ def main():
 
     if p["state"] == "inspect":
         module.exit_json(changed=False, node=node, stack=state)
-
     if state["status"] == "ok":
+        if not module.check_mode:
+            _record_build(p, venv, state)
         module.exit_json(changed=False, node=node, stack=state)
     if module.check_mode:
         module.exit_json(changed=True, node=node, stack=state)
@@ -282,6 +289,11 @@ def main():
                              "under its ranks; stop the run first (llamafleet stop %s), or pass --force "
                              "(stack_force) to change it anyway" % (node["hostname"], busy, venv, state["status"], busy),
                          node=node, stack=state)
+    _provision(module, p, node, stacks, venv, interpreter)
+
+
+def _provision(module, p, node, stacks, venv, interpreter):
+    """Build or repair the venv (under the node's stacks lock), point stacks/current at it, prove it matches."""
     os.makedirs(stacks, exist_ok=True)
     with open(os.path.join(stacks, ".lock"), "w") as lockfh:
         # Two provisions of one node at once would build one venv twice: the second waits.

@@ -21,16 +21,16 @@ system:
 	fi
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: python/pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e 'python[dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 # The main job: provision the two local nodes, build the tiny model with a node's own stack
 # (the controller needs no torch), then train it across both nodes and follow it.
 demo: setup
 	$(VENV)/bin/llamafleet provision -i inventory/local
-	test -f examples/tiny/model/config.json || .llamafleet/local/local1/stacks/current/bin/python \
+	test -f examples/tiny/model/config.json || inventory/local/.llamafleet/nodes/local1/stacks/current/bin/python \
 	  python/llamafleet/tinymodel.py examples/tiny/model --data examples/tiny/data/tiny_alpaca.jsonl
 	$(VENV)/bin/llamafleet train -i inventory/local examples/tiny/sft_lora.yaml --follow
 
@@ -47,4 +47,4 @@ bench: setup
 	$(VENV)/bin/python bench/provision_noop.py
 
 clean:
-	rm -rf .llamafleet
+	rm -rf .llamafleet inventory/local/.llamafleet build dist

@@ -15,6 +15,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 TESTS = PROJECT / "tests"
 LIGHT_LOCK = TESTS / "locks" / "light.yml"
 sys.path.insert(0, str(TESTS))
+# The suite's many inventories are one testbed: they share one state (the wheelhouse, the recorded
+# LLaMA-Factory surface), as before state went beside each inventory. test_package.py runs without it.
+os.environ.setdefault("LLAMAFLEET_STATE_DIR", str(PROJECT / ".llamafleet"))
 
 
 def _can_make_hosts() -> str | None:

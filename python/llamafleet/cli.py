@@ -9,11 +9,13 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from . import api, training
 from .errors import ConfigError, LlamafleetError
 from .parity import ParityReport
+from .paths import STATE_ENV
 from .runner import TaskEvent
 
 
@@ -262,13 +264,13 @@ def _collect(args, console) -> int:
     run_id = args.run_id or training.active_run_id(args.inventory, extra)
     outs = training.collect(args.inventory, run_id, extravars=extra)
     if args.json:
-        print(json.dumps({"run_id": run_id, "run_dir": training.run_dir(run_id, extra), "outputs": outs},
+        print(json.dumps({"run_id": run_id, "run_dir": training.run_dir(run_id, extra, args.inventory), "outputs": outs},
                          indent=2, sort_keys=True))
         return 0
     console.print(f"run {run_id}: collected", markup=False, highlight=False)
     for what, path in outs.items():
         console.print(f"{what}: {path}", markup=False, highlight=False)
-    console.print(f"run directory: {training.run_dir(run_id, extra)}", markup=False, highlight=False)
+    console.print(f"run directory: {training.run_dir(run_id, extra, args.inventory)}", markup=False, highlight=False)
     return 0
 
 
@@ -335,14 +337,21 @@ def _run_verb(args, console) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llamafleet", description="Identical training stacks and multi-node "
-                                "LLaMA-Factory runs on your GPU servers, with Ansible.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+def _common(s: argparse.ArgumentParser, func, inventory_help: str = "inventory directory or file") -> None:
+    """The options every verb has: the inventory, where its state is, extra variables, JSON output."""
+    s.add_argument("-i", "--inventory", required=True, help=inventory_help)
+    s.add_argument("--state-dir", help="controller state of this cluster (default: $LLAMAFLEET_STATE_DIR, else "
+                   ".llamafleet beside the inventory)")
+    s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=func)
+
+
+def _add_stack_verbs(sub) -> None:
+    """provision and check: the stack on every node."""
     for verb, text in (("provision", "build the lock's stack on every node (or only --limit ones), then prove parity"),
                        ("check", "probe every node and compare with each other and the lock; changes nothing")):
         s = sub.add_parser(verb, help=text, description=text)
-        s.add_argument("-i", "--inventory", required=True, help="inventory directory or file (e.g. inventory/local)")
         s.add_argument("--limit", help="only these nodes (Ansible pattern); parity still compares with every node")
         s.add_argument("--lock", help="stack lock file (default: the packaged default lock)")
         s.add_argument("--flavor", help="lock flavor: cpu, cu128, system, ... (default: the inventory's llamafleet_flavor)")
@@ -350,12 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--offline", action="store_true", help="build a wheelhouse here and install nodes from it (pip --no-index)")
             s.add_argument("--force", action="store_true", help="change a stack venv even while a running run's ranks "
                            "use it (refused otherwise)")
-        s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-        s.add_argument("--json", action="store_true", help="print the result as JSON")
-        s.set_defaults(func=_stack_verb)
+        _common(s, _stack_verb, "inventory directory or file (e.g. inventory/local)")
+
+
+def _add_train(sub) -> None:
+    """train: validate, sync and start a run."""
     t = sub.add_parser("train", help="validate, sync and start a LLaMA-Factory yaml on every node (--follow to watch it)")
     t.add_argument("config", help="your LLaMA-Factory training yaml, unchanged")
-    t.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
     t.add_argument("--launcher", choices=["torchrun", "deepspeed", "accelerate"], default="torchrun",
                    help="torchrun: llamafactory-cli under FORCE_TORCHRUN on every node; deepspeed: DeepSpeed's launcher; "
                         "accelerate: accelerate launch (FSDP with --accelerate-config)")
@@ -386,45 +396,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "nodes stop every rank (default: train_stall_timeout_s, 1800; 0 = never)")
     t.add_argument("--stop-on-interrupt", action="store_true",
                    help="Ctrl-C (or SIGTERM, SIGHUP) while following stops every rank; without it the run goes on")
-    t.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-    t.add_argument("--json", action="store_true", help="print the result as JSON")
-    t.set_defaults(func=_train)
+    _common(t, _train)
+
+
+def _add_follow_and_collect(sub) -> None:
+    """follow and collect: one run, after its start."""
     f = sub.add_parser("follow", help="follow a run again: live progress, stop all ranks if one fails, collect outputs",
                        description="Re-attach to a run: the same live view as train --follow. Ctrl-C detaches again.")
     f.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
-    f.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
     f.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C (or SIGTERM, SIGHUP) stops every rank")
-    f.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-    f.add_argument("--json", action="store_true", help="print the result as JSON")
-    f.set_defaults(func=_follow)
+    _common(f, _follow)
     c = sub.add_parser("collect", help="copy every node's log and rank 0's outputs of a run to this machine",
                        description="Copy every node's run directory (logs, exit code, rank 0's adapter, trainer log, "
                                    "loss plot; no checkpoints, no node.env) into <state_dir>/runs/RUN_ID/nodes/.")
     c.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
-    c.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
-    c.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-    c.add_argument("--json", action="store_true", help="print as JSON")
-    c.set_defaults(func=_collect)
+    _common(c, _collect)
+
+
+def _add_export(sub) -> None:
+    """export: merge a run's adapter."""
     x = sub.add_parser("export", help="merge a run's LoRA adapter into its base model on a node, and check it loads",
                        description="Merge a run's adapter into its base model with the run's own stack "
                                    "(llamafactory-cli export) on one node, check that the result loads, and copy it "
                                    "here with --fetch.")
     x.add_argument("run_id", nargs="?", help="run id (default: the nodes' active run)")
-    x.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
     x.add_argument("--node", help="the node that merges (default: the master, which holds rank 0's adapter)")
     x.add_argument("--export-dir", help="absolute path on that node (default: <run dir>/export)")
     x.add_argument("--export-size", type=int, default=5, help="largest shard in GB (default 5)")
     x.add_argument("--export-device", choices=["cpu", "auto"], default="cpu", help="where the merge runs (default cpu)")
     x.add_argument("--fetch", action="store_true", help="copy the merged model to <state_dir>/runs/RUN_ID/export")
-    x.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-    x.add_argument("--json", action="store_true", help="print as JSON")
-    x.set_defaults(func=_export)
+    _common(x, _export)
+
+
+def _add_serve(sub) -> None:
+    """serve: an OpenAI-compatible API for a run's adapter or export."""
     v = sub.add_parser("serve", help="serve a run's adapter (or export) behind an OpenAI-compatible API on a node",
                        description="Serve a run's LoRA adapter (or its merged export) with llamafactory-cli api from "
                                    "the run's own stack, bound to the node's training address, with an API key; "
                                    "ready when a real chat completion came back. --status and --stop for servers.")
     v.add_argument("run_id", help="the run to serve")
-    v.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
     v.add_argument("--node", action="append", default=[], help="a node that serves (repeatable; default: the master)")
     v.add_argument("--export", action="store_true", help="serve the merged model of `llamafleet export`, not the adapter")
     v.add_argument("--host", help="address to listen on (default: the node's training address)")
@@ -436,20 +446,31 @@ def build_parser() -> argparse.ArgumentParser:
     what = v.add_mutually_exclusive_group()
     what.add_argument("--status", action="store_true", help="where the run's servers stand")
     what.add_argument("--stop", action="store_true", help="stop the run's servers")
-    v.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-    v.add_argument("--json", action="store_true", help="print as JSON")
-    v.set_defaults(func=_serve)
+    _common(v, _serve)
+
+
+def _add_run_verbs(sub) -> None:
+    """status, logs and stop: one run on every node."""
     for verb, text in (("status", "where a run stands on every node"), ("logs", "the last log lines of every node"),
                        ("stop", "stop every rank of a run on every node")):
         s = sub.add_parser(verb, help=text, description=text)
         s.add_argument("run_id", nargs="?", help="run id (default: each node's active run)")
-        s.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
         if verb == "logs":
             s.add_argument("--node", help="only this node")
             s.add_argument("-n", "--lines", type=int, default=50, help="lines per node (default 50)")
-        s.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE", help="extra variable, repeatable")
-        s.add_argument("--json", action="store_true", help="print as JSON")
-        s.set_defaults(func=_run_verb)
+        _common(s, _run_verb)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamafleet", description="Identical training stacks and multi-node "
+                                "LLaMA-Factory runs on your GPU servers, with Ansible.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    _add_stack_verbs(sub)
+    _add_train(sub)
+    _add_follow_and_collect(sub)
+    _add_export(sub)
+    _add_serve(sub)
+    _add_run_verbs(sub)
     return p
 
 
@@ -457,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = build_parser().parse_args(argv)
+    if args.state_dir:  # one place every part reads it from: the library, the runner and the playbooks' default
+        os.environ[STATE_ENV] = str(Path(args.state_dir).expanduser().resolve())
     console = Console(stderr=False, highlight=False, soft_wrap=True)
     try:
         return args.func(args, console)

@@ -25,8 +25,9 @@ import jinja2
 
 from .errors import ConfigError
 from .inventory import Cluster, Node
+from .paths import PROJECT_DIR
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES_DIR = PROJECT_DIR / "templates"
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
 # Keys of an accelerate config that say where each process runs: llamafleet sets them per node from the
 # inventory, whatever the user's own file (e.g. an FSDP config) says; every other key of it is kept.

@@ -97,11 +97,15 @@ def _ansible_error(stdout: str) -> str:
     return "\n".join(errors[-8:]) or stdout[-2000:].strip()
 
 
-def _environment() -> dict[str, str]:
+def _environment(sdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in _ENV_ALLOW or k.startswith("ANSIBLE_")}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["ANSIBLE_CONFIG"] = str(PROJECT_DIR / "ansible.cfg")
+    # SSH control sockets: in the cluster's state unless its path is too deep for a Unix socket's 108 bytes
+    # (then Ansible's own ~/.ansible/cp)
+    if len(str(sdir / "cp")) <= 80:
+        env.setdefault("ANSIBLE_SSH_CONTROL_PATH_DIR", str(sdir / "cp"))
     env["ANSIBLE_FORCE_COLOR"] = "0"
     env["ANSIBLE_NOCOLOR"] = "1"
     return env
@@ -145,6 +149,72 @@ def _node_count(inventory: Path) -> int:
         return 0
 
 
+class _Events:
+    """ansible-runner's events, folded into per-host outcomes and the results of llamafleet's own actions."""
+
+    def __init__(self, on_event: Callable[[TaskEvent], None] | None, keep: bool):
+        self.hosts: dict[str, HostOutcome] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.on_event = on_event
+        self.keep = keep
+
+    def _emit(self, ev: TaskEvent) -> None:
+        if self.on_event:
+            self.on_event(ev)
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host") or ""
+        res = data.get("res") or {}
+        action = data.get("task_action") or ""
+        if kind == "runner_on_start" and host:
+            self._emit(TaskEvent(host, data.get("task") or "", "started"))
+        elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped") and host:
+            self._outcome(kind, host, data, res, action)
+        elif kind == "runner_item_on_ok" and action.startswith("llamafleet.cluster.") and res.get("item"):
+            self.results.setdefault(action.rsplit(".", 1)[-1], {})[str(res["item"])] = res
+        return self.keep  # do not keep the event on disk beyond the run, unless asked to (debugging)
+
+    def _outcome(self, kind: str, host: str, data: dict[str, Any], res: dict[str, Any], action: str) -> None:
+        o = self.hosts.setdefault(host, HostOutcome(host))
+        if kind == "runner_on_ok":
+            status = "changed" if res.get("changed") else "ok"
+            o.ok += 1
+            o.changed += bool(res.get("changed"))
+        elif kind == "runner_on_skipped":
+            status = "skipped"
+            o.skipped += 1
+        elif kind == "runner_on_unreachable":
+            status = "unreachable"
+            o.unreachable += 1
+            o.failures.append(f"{host}: unreachable: {_message(res)}. Check that the node is up, its ssh address "
+                              "(ansible_host) and that its host key is in your known_hosts")
+        elif data.get("ignore_errors"):
+            status = "ok"
+        else:
+            status = "failed"
+            o.failed += 1
+            msg = _message(res)
+            # A run_once action judges all nodes: its message already names each host.
+            o.failures.append(msg if action.startswith("llamafleet.cluster.") and not action.endswith(".node")
+                              else f"{host}: {data.get('task') or ''}: {msg}")
+        # A loop's closing event carries only its items, which arrived one by one (runner_item_on_ok).
+        if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped" and "results" not in res:
+            self.results.setdefault(action.rsplit(".", 1)[-1], {})[host] = res
+        self._emit(TaskEvent(host, data.get("task") or "", status,
+                             _message(res) if status in ("failed", "unreachable") else ""))
+
+
+def _write_extravars(pdd: Path, extra: Mapping[str, Any]) -> Path:
+    """Where ansible-runner looks (it passes -e @<this file>): mode 0600 in a 0700 directory."""
+    path = pdd / "env" / "extravars"
+    path.parent.mkdir(mode=0o700)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        json.dump(extra, fh)
+    return path
+
+
 def run_playbook(
     playbook: str,
     inventory: str | os.PathLike,
@@ -159,86 +229,24 @@ def run_playbook(
     import ansible_runner  # imported here: `llamafleet --help` should not pay for it
 
     inv = check_inventory_path(inventory)
-    sdir = state_dir()
-    logs = sdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    log_path = logs / f"{verb or Path(playbook).stem}-{stamp}.log"
-    pdd = Path(tempfile.mkdtemp(prefix="runner-", dir=sdir))
-    hosts: dict[str, HostOutcome] = {}
-    results: dict[str, dict[str, Any]] = {}
-
-    def outcome(host: str) -> HostOutcome:
-        return hosts.setdefault(host, HostOutcome(host))
-
-    def handle(event: dict[str, Any]) -> bool:
-        kind = event.get("event", "")
-        data = event.get("event_data") or {}
-        host = data.get("host") or ""
-        task = data.get("task") or ""
-        res = data.get("res") or {}
-        action = data.get("task_action") or ""
-        if kind == "runner_on_start" and host:
-            _emit(TaskEvent(host, task, "started"))
-        elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped") and host:
-            o = outcome(host)
-            if kind == "runner_on_ok":
-                status = "changed" if res.get("changed") else "ok"
-                o.ok += 1
-                o.changed += bool(res.get("changed"))
-            elif kind == "runner_on_skipped":
-                status = "skipped"
-                o.skipped += 1
-            elif kind == "runner_on_unreachable":
-                status = "unreachable"
-                o.unreachable += 1
-                o.failures.append(f"{host}: unreachable: {_message(res)}. Check that the node is up, its ssh address "
-                                  "(ansible_host) and that its host key is in your known_hosts")
-            else:
-                status = "failed"
-                if data.get("ignore_errors"):
-                    status = "ok"
-                else:
-                    o.failed += 1
-                    msg = _message(res)
-                    # A run_once action judges all nodes: its message already names each host.
-                    o.failures.append(msg if action.startswith("llamafleet.cluster.") and not action.endswith(".node")
-                                      else f"{host}: {task}: {msg}")
-            # A loop's closing event carries only its items, which arrived one by one below.
-            if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped" and "results" not in res:
-                results.setdefault(action.rsplit(".", 1)[-1], {})[host] = res
-            _emit(TaskEvent(host, task, status, _message(res) if status in ("failed", "unreachable") else ""))
-        elif kind == "runner_item_on_ok" and action.startswith("llamafleet.cluster.") and res.get("item"):
-            results.setdefault(action.rsplit(".", 1)[-1], {})[str(res["item"])] = res
-        return keep  # do not keep the event on disk beyond the run, unless asked to (debugging)
-
-    def _emit(ev: TaskEvent) -> None:
-        if on_event:
-            on_event(ev)
-
     extra = dict(extravars or {})
-    extra.setdefault("llamafleet_state_dir", str(sdir))
-    keep = bool(os.environ.get(KEEP_DIRS_VAR))
-    extravars_file = pdd / "env" / "extravars"  # where ansible-runner looks: it passes -e @<this file>
+    sdir = state_dir(extra.get("llamafleet_state_dir"), inv)
+    extra["llamafleet_state_dir"] = str(sdir)
+    (sdir / "logs").mkdir(exist_ok=True)
+    log_path = sdir / "logs" / f"{verb or Path(playbook).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}.log"
+    pdd = Path(tempfile.mkdtemp(prefix="runner-", dir=sdir))
+    events = _Events(on_event, keep=bool(os.environ.get(KEEP_DIRS_VAR)))
+    extravars_file = pdd / "env" / "extravars"
     try:
-        extravars_file.parent.mkdir(mode=0o700)
-        with os.fdopen(os.open(extravars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
-            json.dump(extra, fh)
-        envvars = _environment()
+        _write_extravars(pdd, extra)
+        envvars = _environment(sdir)
         if verb == "train":
             # every node's start task must run at once (the master's rendezvous check waits for all workers)
             envvars["ANSIBLE_FORKS"] = str(max(_configured_forks(), _node_count(inv)))
         r = ansible_runner.run(
-            private_data_dir=str(pdd),
-            project_dir=str(PROJECT_DIR),
-            playbook=str(PROJECT_DIR / "playbooks" / playbook),
-            inventory=str(inv),
-            limit=limit,
-            envvars=envvars,
-            suppress_env_files=True,
-            quiet=True,
-            json_mode=False,
-            event_handler=handle,
+            private_data_dir=str(pdd), project_dir=str(PROJECT_DIR), playbook=str(PROJECT_DIR / "playbooks" / playbook),
+            inventory=str(inv), limit=limit, envvars=envvars, suppress_env_files=True, quiet=True, json_mode=False,
+            event_handler=events,
             # never None: runner would install SIGINT/SIGTERM handlers of its own and keep them
             cancel_callback=(lambda: cancel.is_set()) if cancel else (lambda: False),
             # how often runner asks the callback (default 5 s)
@@ -251,12 +259,13 @@ def run_playbook(
             pass
         log_path.write_text(stdout)
         rc = r.rc if isinstance(r.rc, int) else 1
-        if rc == 127 or (not hosts and r.status == "failed" and "ansible-playbook" in stdout and "not found" in stdout):
+        if rc == 127 or (not events.hosts and r.status == "failed" and "ansible-playbook" in stdout
+                         and "not found" in stdout):
             raise LlamafleetError(f"ansible-playbook was not found next to {sys.executable}: install llamafleet "
-                                  "with pip in this environment (pip install -e python)")
-        return PlaybookResult(rc=rc, status=r.status, hosts=hosts, results=results, log_path=log_path,
+                                  "with pip in this environment (pip install llamafleet, or pip install -e . in a checkout)")
+        return PlaybookResult(rc=rc, status=r.status, hosts=events.hosts, results=events.results, log_path=log_path,
                               stdout_tail=stdout[-6000:])
     finally:
         extravars_file.unlink(missing_ok=True)
-        if not keep:
+        if not events.keep:
             shutil.rmtree(pdd, ignore_errors=True)

@@ -75,8 +75,9 @@ class ServeResult:
         return "\n".join(lines)
 
 
-def key_file(run_id: str, extravars: Mapping[str, Any] | None = None) -> Path:
-    return state_dir((extravars or {}).get("llamafleet_state_dir")) / "servers" / f"{check_run_id(run_id)}.key"
+def key_file(run_id: str, extravars: Mapping[str, Any] | None = None, inventory: str | os.PathLike | None = None) -> Path:
+    sdir = state_dir((extravars or {}).get("llamafleet_state_dir"), inventory)
+    return sdir / "servers" / f"{check_run_id(run_id)}.key"
 
 
 def _write_key(path: Path, key: str) -> None:
@@ -122,7 +123,7 @@ def serve(inventory: str | os.PathLike, run_id: str, *, nodes: Sequence[str] | N
     """Serve the run's adapter (``model="adapter"``) or merged export (``"export"``) on ``nodes`` (default: the
     master); returns when every server answered a real completion, or with the reason it did not."""
     run_id = check_run_id(run_id, "run id")
-    path = key_file(run_id, extravars)
+    path = key_file(run_id, extravars, inventory)
     key = api_key or os.environ.get(KEY_ENV)
     if key:
         _write_key(path, key)
@@ -136,7 +137,7 @@ def serve_status(inventory: str | os.PathLike, run_id: str, *, nodes: Sequence[s
                  extravars: Mapping[str, Any] | None = None) -> ServeResult:
     run_id = check_run_id(run_id, "run id")
     result = _run("status", inventory, run_id, extravars, nodes=list(nodes or []))
-    path = key_file(run_id, extravars)
+    path = key_file(run_id, extravars, inventory)
     return dataclasses.replace(result, api_key_file=str(path) if path.is_file() else None)
 
 

@@ -154,11 +154,11 @@ def _run_verb(verb: str, inventory: str | os.PathLike, extravars: dict[str, Any]
               cancel: threading.Event | None = None, limit: str | None = None) -> RunStatus:
     """Run playbooks/<verb>.yml on every node (``limit``: those nodes only); an error before any node answered
     (a bad inventory) is raised. A run cut short by ``cancel`` says nothing: it returns a status without nodes."""
-    st, errors = _node_runs(run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars, cancel=cancel,
-                                         limit=limit))
+    run = run_playbook(f"{verb}.yml", inventory, verb=verb, extravars=extravars, cancel=cancel, limit=limit)
+    st, errors = _node_runs(run)
     if cancel is not None and cancel.is_set():
         return RunStatus(st.run_id, (), None, None)
-    if errors and not st.nodes:
+    if errors and not (run.results.get("train") or {}):  # no node got as far as its answer: a user's error
         raise ConfigError(errors)
     return st
 
@@ -194,17 +194,18 @@ def collect(inventory: str | os.PathLike, run_id: str | None = None, *,
     ``run_id`` None: the nodes' active run."""
     run_id = check_run_id(run_id) or active_run_id(inventory, extravars)
     run_playbook("collect.yml", inventory, verb="collect", extravars=_extra(extravars, train_run_id=run_id))
-    return outputs(run_id, extravars)
+    return outputs(run_id, extravars, inventory)
 
 
-def run_dir(run_id: str, extravars: Mapping[str, Any] | None = None) -> str:
-    """The run's directory on the controller."""
-    return str(state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / check_name(run_id, "run id"))
+def run_dir(run_id: str, extravars: Mapping[str, Any] | None = None, inventory: str | os.PathLike | None = None) -> str:
+    """The run's directory on the controller (in the state of the cluster of ``inventory``)."""
+    sdir = state_dir((extravars or {}).get("llamafleet_state_dir"), inventory)
+    return str(sdir / "runs" / check_name(run_id, "run id"))
 
 
-def outputs(run_id: str, extravars: Mapping[str, Any] | None = None) -> dict[str, str]:
-    check_name(run_id, "run id")
-    base = state_dir((extravars or {}).get("llamafleet_state_dir")) / "runs" / run_id
+def outputs(run_id: str, extravars: Mapping[str, Any] | None = None,
+            inventory: str | os.PathLike | None = None) -> dict[str, str]:
+    base = Path(run_dir(run_id, extravars, inventory))
     found: dict[str, str] = {}
     for out in sorted(base.glob("nodes/*/output")):
         for name, key in (("adapter_model.safetensors", "adapter"), ("training_loss.png", "loss plot"),
@@ -218,15 +219,19 @@ def outputs(run_id: str, extravars: Mapping[str, Any] | None = None) -> dict[str
 
 def _telling_lines(lines: tuple[str, ...], keep: int = 10) -> list[str]:
     """The log lines that say what went wrong: the last error raised inside training, before the
-    launcher's own wrappers (torchrun's ChildFailedError, llamafactory-cli's CalledProcessError)."""
+    launcher's own wrappers (torchrun's ChildFailedError, llamafactory-cli's CalledProcessError), and first a
+    C++ abort's one line (``terminate called ...``), which torchrun reports only as "Signal 6"."""
     wrappers = ("CalledProcessError", "ChildFailedError", "subprocess.py", "launcher.py", "sys.exit(main())",
                 "elastic/multiprocessing", "^^^^")
     useful = [line for line in lines if not any(w in line for w in wrappers)]
+    aborts = [line for line in useful if "terminate called" in line]  # C++ std::terminate: SIGABRT, no traceback
     errors = [i for i, line in enumerate(useful) if "Error" in line or "Exception" in line]
     if errors:
         end = errors[-1] + 1
-        return useful[max(0, end - keep):end]
-    return useful[-keep:]
+        shown = useful[max(0, end - keep):end]
+    else:
+        shown = useful[-keep:]
+    return aborts + [line for line in shown if line not in aborts]
 
 
 def follow(inventory: str | os.PathLike, run_id: str | None = None, *, poll_s: float = 5,
@@ -275,7 +280,7 @@ def follow(inventory: str | os.PathLike, run_id: str | None = None, *, poll_s: f
     final = status(inventory, run_id, log_lines=0, extravars=extravars)
     return TrainResult(ok=state == "succeeded", run_id=run_id, state=state, plan=None, summary="",
                        status=RunStatus(final.run_id, final.nodes, st.progress, final.started_at),
-                       errors=tuple(errors), run_dir=run_dir(run_id, extravars), outputs=outs, log_path=None)
+                       errors=tuple(errors), run_dir=run_dir(run_id, extravars, inventory), outputs=outs, log_path=None)
 
 
 def _look(inventory: str | os.PathLike, run_id: str, last: RunStatus, extravars: Mapping[str, Any] | None,
@@ -304,7 +309,7 @@ def _cancelled(inventory: str | os.PathLike, run_id: str, last: RunStatus, stop_
     final = stop(inventory, run_id, extravars=extravars)
     outs = collect(inventory, run_id, extravars=extravars)
     return TrainResult(ok=False, run_id=run_id, state="stopped", plan=None, summary="", status=final,
-                       errors=("interrupted: every rank was stopped",), run_dir=run_dir(run_id, extravars),
+                       errors=("interrupted: every rank was stopped",), run_dir=run_dir(run_id, extravars, inventory),
                        outputs=outs, log_path=None)
 
 
@@ -425,10 +430,10 @@ def export(inventory: str | os.PathLike, run_id: str | None = None, *, node: str
             raise ConfigError(errors)
         return ExportResult(False, run_id, None, None, None, None, None, {}, 0, None, None,
                             tuple(dict.fromkeys(errors)), str(run.log_path))
-    here = str(Path(run_dir(run_id, extravars)) / "export") if fetch else None
+    here = str(Path(run_dir(run_id, extravars, inventory)) / "export") if fetch else None
     result = ExportResult(True, run_id, done["node"], done["base_model"], done["adapter"], done["export_dir"], here,
                           done["files"], done["bytes"], done["seconds"], done["load_check"], (), str(run.log_path))
-    record = Path(run_dir(run_id, extravars))
+    record = Path(run_dir(run_id, extravars, inventory))
     record.mkdir(parents=True, exist_ok=True)
     (record / "export.json").write_text(result.to_json() + "\n")
     return result

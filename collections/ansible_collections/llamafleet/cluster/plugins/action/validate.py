@@ -43,6 +43,7 @@ class ActionModule(ActionBase):
             return result
         python = args.get("python") or f"python{stack.python}"
         result.update(changed=False, cluster=cluster.to_dict(), stack=stack.to_dict(), python=python,
-                      state_dir=str(state_dir(args.get("state_dir"))),
+                      # run from the CLI the variable is always set; by ansible-playbook, state goes beside the inventory
+                      state_dir=str(state_dir(args.get("state_dir"), task_vars.get("inventory_dir"))),
                       gpus={n.name: n.gpus for n in cluster.nodes})
         return result

@@ -8,7 +8,7 @@ from pathlib import Path
 
 try:
     import llamafleet  # noqa: F401  (installed in the controller's environment)
-except ImportError:  # ansible-playbook run from a checkout without `pip install -e python`
+except ImportError:  # ansible-playbook run from a checkout without llamafleet installed
     # collections/ansible_collections/llamafleet/cluster/plugins/plugin_utils/project.py -> <project>/python
     sys.path.insert(0, str(Path(__file__).resolve().parents[6] / "python"))
 

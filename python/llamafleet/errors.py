@@ -24,8 +24,3 @@ class LockError(LlamafleetError):
 class ConfigError(LlamafleetError):
     """A training configuration (LLaMA-Factory yaml, dataset_info.json, DeepSpeed json) is wrong."""
 
-
-class PlaybookError(LlamafleetError):
-    """A playbook run failed; the message is the per-host failure summary."""
-
-    exit_code = 1

@@ -172,6 +172,7 @@ def test_secret_env_and_name_checks_use_the_packages_rules():
     assert train_filters.secret_env(env) == {"HF_TOKEN": "hf_x", "WANDB_API_KEY": "123"}
     assert train_filters.secret_env(None) == {}
     assert train_filters.name_problems({"train_run_id": "", "train_job": "sft"}) == []
+    assert "train_run_id is empty" in train_filters.name_problems({"train_run_id": ""}, required=["train_run_id"])[0]
     problems = train_filters.name_problems({"train_run_id": "..", "train_job": "a/b"})
     assert len(problems) == 2 and problems[0].startswith("train_run_id '..'") and "train_job 'a/b'" in problems[1]
 

@@ -26,7 +26,8 @@ class ActionModule(ActionBase):
             missing = pins.verify_cached(stack, args["cache_dir"], sources)
         except OSError as exc:
             result.update(failed=True, msg=f"could not reach the package index to verify the lock's pins ({exc}): "
-                                           "check the controller's network, or use offline mode (llamafleet_offline: true)")
+                                           "check the controller's network, or use offline mode (stack_offline: true, or "
+                                           "llamafleet provision --offline)")
             return result
         if missing:
             result.update(failed=True, missing=missing,

@@ -16,10 +16,13 @@ def secret_env(env):
     return split_secrets(env if isinstance(env, dict) else {})[1]
 
 
-def name_problems(values):
+def name_problems(values, required=()):
     """One message per run id or job name of ``values`` (setting name to value) that cannot name a
-    directory (``names.name_problem``); empty values (= the default) pass."""
-    return [p for p in (name_problem(v, k) for k, v in values.items() if v not in (None, "")) if p]
+    directory (``names.name_problem``); empty values (= the default) pass, except those ``required`` (the
+    verbs that act on one existing run: status, stop, collect)."""
+    missing = ["%s is empty: name the run (-e %s=<run id>; the controller's runs are in <state_dir>/runs)" % (k, k)
+               for k in required if values.get(k) in (None, "")]
+    return missing + [p for p in (name_problem(v, k) for k, v in values.items() if v not in (None, "")) if p]
 
 
 def failed_starts(hostvars, hosts):

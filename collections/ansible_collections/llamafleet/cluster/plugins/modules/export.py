@@ -125,6 +125,99 @@ def _run(argv, cwd, timeout, log=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def _check_exportable(module, p, host, run_dir):
+    """The run's adapter directory; fails unless the run is on this node, has ended and has a LoRA adapter."""
+    if not os.path.isdir(run_dir):
+        module.fail_json(msg="%s: run %s is not on this node (no %s); pass the run id of a run of this cluster "
+                             "(llamafleet status)" % (host, p["run_id"], run_dir))
+    leader = supervisor.leader(run_dir)
+    if (leader and supervisor.alive(leader)) or supervisor.run_processes(p["run_id"], pgid=leader or None):
+        module.fail_json(msg="%s: run %s is still running; export it when it has ended (llamafleet follow %s)"
+                             % (host, p["run_id"], p["run_id"]))
+    adapter = os.path.join(run_dir, "output")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        module.fail_json(msg="%s: run %s has no adapter in %s (no adapter_config.json): only a LoRA run's adapter "
+                             "is merged; a full fine-tuning run's output already is the model" % (host, p["run_id"], adapter))
+    return adapter
+
+
+def _read_trained(module, p, host, run_dir):
+    """The run's stack venv bin directory and its train.yaml as this node trained it (read with that venv's
+    Python); fails unless it was a LoRA run."""
+    node_env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
+    vbin = _venv_bin(node_env)
+    if not vbin:
+        module.fail_json(msg="%s: cannot tell run %s's stack venv from its node.env (no llamafactory-cli at the head "
+                             "of its PATH): provision the node again (llamafleet provision)" % (host, p["run_id"]))
+    rc, out, err = _run([os.path.join(vbin, "python"), "-c", READ_YAML, os.path.join(run_dir, "train.yaml")], run_dir, 120)
+    if rc != 0:
+        module.fail_json(msg="%s: cannot read %s/train.yaml: %s" % (host, run_dir, (err or out).strip()[-500:]))
+    trained = json.loads(out)
+    if trained.get("finetuning_type", "lora") != "lora":
+        module.fail_json(msg="%s: run %s is a %s fine-tuning run: only a LoRA adapter is merged"
+                             % (host, p["run_id"], trained.get("finetuning_type")))
+    return vbin, trained
+
+
+def _export_spec(p, trained, adapter, export_dir):
+    """LLaMA-Factory's export arguments: the base model and template the run trained with, plus its adapter."""
+    spec = {"model_name_or_path": trained["model_name_or_path"], "adapter_name_or_path": adapter,
+            "template": trained.get("template") or "default", "finetuning_type": "lora", "export_dir": export_dir,
+            "export_size": p["export_size"], "export_device": p["export_device"], "export_legacy_format": False}
+    for key in ("trust_remote_code", "model_revision", "cache_dir"):
+        if trained.get(key) is not None:
+            spec[key] = trained[key]
+    return spec
+
+
+def _merge(module, p, host, run_dir, spec, export_dir):
+    """Write export.yaml, replace export_dir and run llamafactory-cli export; returns its log and seconds taken."""
+    # JSON is YAML: LLaMA-Factory reads it as any .yaml
+    supervisor.write(os.path.join(run_dir, "export.yaml"), json.dumps(spec, indent=1, sort_keys=True) + "\n")
+    if os.path.isdir(export_dir):
+        shutil.rmtree(export_dir)
+    log = os.path.join(run_dir, "export.log")
+    t0 = time.time()
+    script = ". ./node.env && unset %s && exec llamafactory-cli export export.yaml" % " ".join(UNSET)
+    rc, out, err = _run(["/bin/sh", "-c", script], run_dir, p["timeout_s"], log=log)
+    took = time.time() - t0
+    if rc != 0:
+        tail = ((out or "") + (err or "")).strip().splitlines()[-12:]
+        module.fail_json(msg="%s: llamafactory-cli export of run %s failed (exit %s); its last lines (all in %s):\n%s"
+                             % (host, p["run_id"], rc, log, "\n".join(tail)))
+    return log, took
+
+
+def _check_export(module, p, host, run_dir, vbin, export_dir):
+    """The load check's result (LOAD_CHECK, by the stack's Python); fails when the export is not a complete model."""
+    found = fingerprint(export_dir, None, model=True)
+    rc, out, err = _run([os.path.join(vbin, "python"), "-c", LOAD_CHECK, export_dir], run_dir, 900)
+    check = json.loads(out.strip().splitlines()[-1]) if rc == 0 and out.strip() else None
+    problems = list(found.get("problems") or [])
+    if check is None:
+        problems.append("it does not load: %s" % (err or out).strip().splitlines()[-1:])
+    else:
+        if check["missing"]:
+            problems.append("parameters missing from its files: %s" % ", ".join(check["missing"]))
+        if check["wrong_shape"]:
+            problems.append("parameters of the wrong shape: %s" % ", ".join(check["wrong_shape"]))
+    if problems:
+        module.fail_json(msg="%s: the export of run %s in %s is not a complete model: %s"
+                             % (host, p["run_id"], export_dir, "; ".join(problems)))
+    return check
+
+
+def _file_sizes(export_dir):
+    """The export's plain files by name with their sizes, and their total bytes."""
+    files, total = {}, 0
+    for name in sorted(os.listdir(export_dir)):
+        path = os.path.join(export_dir, name)
+        if os.path.isfile(path):
+            files[name] = os.path.getsize(path)
+            total += files[name]
+    return files, total
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -140,71 +233,15 @@ def main():
     p = module.params
     host = socket.gethostname()
     run_dir = os.path.join(p["root"], "runs", p["run_id"])
-    if not os.path.isdir(run_dir):
-        module.fail_json(msg="%s: run %s is not on this node (no %s); pass the run id of a run of this cluster "
-                             "(llamafleet status)" % (host, p["run_id"], run_dir))
-    leader = supervisor.leader(run_dir)
-    if (leader and supervisor.alive(leader)) or supervisor.run_processes(p["run_id"], pgid=leader or None):
-        module.fail_json(msg="%s: run %s is still running; export it when it has ended (llamafleet follow %s)"
-                             % (host, p["run_id"], p["run_id"]))
-    adapter = os.path.join(run_dir, "output")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        module.fail_json(msg="%s: run %s has no adapter in %s (no adapter_config.json): only a LoRA run's adapter "
-                             "is merged; a full fine-tuning run's output already is the model" % (host, p["run_id"], adapter))
-    node_env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
-    vbin = _venv_bin(node_env)
-    if not vbin:
-        module.fail_json(msg="%s: cannot tell run %s's stack venv from its node.env (no llamafactory-cli at the head "
-                             "of its PATH): provision the node again (llamafleet provision)" % (host, p["run_id"]))
-    rc, out, err = _run([os.path.join(vbin, "python"), "-c", READ_YAML, os.path.join(run_dir, "train.yaml")], run_dir, 120)
-    if rc != 0:
-        module.fail_json(msg="%s: cannot read %s/train.yaml: %s" % (host, run_dir, (err or out).strip()[-500:]))
-    trained = json.loads(out)
-    if trained.get("finetuning_type", "lora") != "lora":
-        module.fail_json(msg="%s: run %s is a %s fine-tuning run: only a LoRA adapter is merged"
-                             % (host, p["run_id"], trained.get("finetuning_type")))
+    adapter = _check_exportable(module, p, host, run_dir)
+    vbin, trained = _read_trained(module, p, host, run_dir)
     export_dir = p["export_dir"] or os.path.join(run_dir, "export")
     if not os.path.isabs(export_dir):
         module.fail_json(msg="export_dir %s is not an absolute path on the node" % export_dir)
-    spec = {"model_name_or_path": trained["model_name_or_path"], "adapter_name_or_path": adapter,
-            "template": trained.get("template") or "default", "finetuning_type": "lora", "export_dir": export_dir,
-            "export_size": p["export_size"], "export_device": p["export_device"], "export_legacy_format": False}
-    for key in ("trust_remote_code", "model_revision", "cache_dir"):
-        if trained.get(key) is not None:
-            spec[key] = trained[key]
-    # JSON is YAML: LLaMA-Factory reads it as any .yaml
-    supervisor.write(os.path.join(run_dir, "export.yaml"), json.dumps(spec, indent=1, sort_keys=True) + "\n")
-    if os.path.isdir(export_dir):
-        shutil.rmtree(export_dir)
-    log = os.path.join(run_dir, "export.log")
-    t0 = time.time()
-    script = ". ./node.env && unset %s && exec llamafactory-cli export export.yaml" % " ".join(UNSET)
-    rc, out, err = _run(["/bin/sh", "-c", script], run_dir, p["timeout_s"], log=log)
-    took = time.time() - t0
-    if rc != 0:
-        tail = ((out or "") + (err or "")).strip().splitlines()[-12:]
-        module.fail_json(msg="%s: llamafactory-cli export of run %s failed (exit %s); its last lines (all in %s):\n%s"
-                             % (host, p["run_id"], rc, log, "\n".join(tail)))
-    found = fingerprint(export_dir, None, model=True)
-    rc, out, err = _run([os.path.join(vbin, "python"), "-c", LOAD_CHECK, export_dir], run_dir, 900)
-    check = json.loads(out.strip().splitlines()[-1]) if rc == 0 and out.strip() else None
-    problems = list(found.get("problems") or [])
-    if check is None:
-        problems.append("it does not load: %s" % (err or out).strip().splitlines()[-1:])
-    else:
-        if check["missing"]:
-            problems.append("parameters missing from its files: %s" % ", ".join(check["missing"]))
-        if check["wrong_shape"]:
-            problems.append("parameters of the wrong shape: %s" % ", ".join(check["wrong_shape"]))
-    if problems:
-        module.fail_json(msg="%s: the export of run %s in %s is not a complete model: %s"
-                             % (host, p["run_id"], export_dir, "; ".join(problems)))
-    files, total = {}, 0
-    for name in sorted(os.listdir(export_dir)):
-        path = os.path.join(export_dir, name)
-        if os.path.isfile(path):
-            files[name] = os.path.getsize(path)
-            total += files[name]
+    spec = _export_spec(p, trained, adapter, export_dir)
+    log, took = _merge(module, p, host, run_dir, spec, export_dir)
+    check = _check_export(module, p, host, run_dir, vbin, export_dir)
+    files, total = _file_sizes(export_dir)
     module.exit_json(changed=True, export={"run_id": p["run_id"], "node": host, "base_model": trained["model_name_or_path"],
                                            "adapter": adapter, "export_dir": export_dir, "files": files, "bytes": total,
                                            "seconds": round(took, 1), "load_check": check, "log": log})

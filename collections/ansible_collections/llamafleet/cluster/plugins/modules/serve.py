@@ -160,8 +160,8 @@ def _stop(server_dir, tag, grace):
     return True
 
 
-def _start(module, p, host, server_dir):
-    run_dir = os.path.join(p["root"], "runs", p["run_id"])
+def _check_servable(module, p, host, server_dir, run_dir):
+    """Fails unless the run is on this node, not served here yet, and an API key is given."""
     tag = p["run_id"]
     if not os.path.isdir(run_dir):
         module.fail_json(msg="%s: run %s is not on this node (no %s); serve a run of this cluster from the node that "
@@ -170,20 +170,31 @@ def _start(module, p, host, server_dir):
         module.fail_json(msg="%s: run %s is already served here (llamafleet serve %s --stop first)" % (host, tag, tag))
     if not p["api_key"]:
         module.fail_json(msg="%s: no API key: a server never listens without one" % host)
-    node_env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
+
+
+def _venv_bin(node_env):
+    """The run's stack venv bin directory: the head of the last PATH export in node.env that has llamafactory-cli."""
     vbin = None
     for line in node_env.splitlines():
         if line.startswith("export PATH="):
             first = shlex.split(line[len("export PATH="):])[0].split(os.pathsep)[0]
             if os.path.isfile(os.path.join(first, "llamafactory-cli")):
                 vbin = first
-    if not vbin:
-        module.fail_json(msg="%s: cannot tell run %s's stack venv from its node.env; provision the node again" % (host, tag))
+    return vbin
+
+
+def _read_trained(module, host, run_dir, vbin):
+    """The run's train.yaml as this node trained it, read with the stack venv's Python."""
     rc = subprocess.run([os.path.join(vbin, "python"), "-c", READ_YAML, os.path.join(run_dir, "train.yaml")],
                         capture_output=True, text=True, timeout=120)
     if rc.returncode != 0:
         module.fail_json(msg="%s: cannot read %s/train.yaml: %s" % (host, run_dir, rc.stderr.strip()[-300:]))
-    trained = json.loads(rc.stdout)
+    return json.loads(rc.stdout)
+
+
+def _api_spec(module, p, host, run_dir, trained):
+    """llamafactory-cli api's arguments: the run's export, or its base model with its LoRA adapter."""
+    tag = p["run_id"]
     spec = {"template": trained.get("template") or "default", "infer_backend": "huggingface"}
     if p["model"] == "export":
         export_dir = os.path.join(run_dir, "export")
@@ -200,7 +211,11 @@ def _start(module, p, host, server_dir):
     for key in ("trust_remote_code",):
         if trained.get(key) is not None:
             spec[key] = trained[key]
-    bind = p["host"] or "127.0.0.1"
+    return spec
+
+
+def _check_port_free(module, p, host, bind):
+    """Fails when the server could not listen on bind:port (tried by binding it, then closing it at once)."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -209,9 +224,12 @@ def _start(module, p, host, server_dir):
         module.fail_json(msg="%s: cannot listen on %s:%d (%s); pick a free port (--port)" % (host, bind, p["port"], exc.strerror))
     finally:
         s.close()
+
+
+def _write_server_files(p, server_dir, spec, node_env, bind, name):
+    """api.yaml, serve.env (the run's environment without its rendezvous, plus the API's) and serve.sh."""
     os.makedirs(server_dir, mode=0o700, exist_ok=True)
     os.chmod(server_dir, 0o700)  # serve.env holds the key
-    name = p["name"] or tag
     supervisor.write(os.path.join(server_dir, "api.yaml"), json.dumps(spec, indent=1, sort_keys=True) + "\n")
     env_lines = [line for line in node_env.splitlines() if line.startswith("export ") and
                  line.split("=", 1)[0][7:] not in UNSET + ("LLAMAFLEET_RUN_ID",)]
@@ -220,6 +238,10 @@ def _start(module, p, host, server_dir):
     supervisor.write(os.path.join(server_dir, "serve.env"), "\n".join(env_lines) + "\n", 0o600)
     script = "#!/bin/sh\ncd %s || exit 97\n. ./serve.env\nexec llamafactory-cli api api.yaml\n" % shlex.quote(server_dir)
     supervisor.write(os.path.join(server_dir, "serve.sh"), script, 0o755)
+
+
+def _launch_server(server_dir, tag):
+    """Start serve.sh detached, marked with SERVER_VAR (how _processes finds it); record its pid."""
     env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
     env[SERVER_VAR] = tag
     with open(os.path.join(server_dir, "serve.log"), "ab") as log:
@@ -227,11 +249,13 @@ def _start(module, p, host, server_dir):
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     supervisor.write(os.path.join(server_dir, "pid_start"), supervisor.identity(proc.pid) or "")
     supervisor.write(os.path.join(server_dir, "pid"), str(proc.pid))
-    url = "http://%s:%d/v1" % (bind, p["port"])
-    info = {"endpoint": url, "model_name": name, "model": p["model"], "node": host, "pid": proc.pid,
-            "started_at": time.time(), "serves": spec["model_name_or_path"], "adapter": spec.get("adapter_name_or_path")}
-    supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))
-    # ready: the model is listed and a real completion comes back, both with the key
+    return proc
+
+
+def _wait_until_listed(module, p, host, server_dir, proc, url, name):
+    """Wait until the server lists the model (with the key); returns the readiness deadline. Fails (and stops
+    the server) when it exits first or does not list it in time."""
+    tag = p["run_id"]
     deadline = time.time() + p["ready_timeout_s"]
     status, listed = None, None
     while time.time() < deadline:
@@ -247,6 +271,13 @@ def _start(module, p, host, server_dir):
         _stop(server_dir, tag, p["grace_s"])
         module.fail_json(msg="%s: the server of run %s did not list model %s within %d s (last answer: %s); it was "
                              "stopped; see %s/serve.log" % (host, tag, name, p["ready_timeout_s"], status, server_dir))
+    return deadline
+
+
+def _first_completion(module, p, host, server_dir, url, name, deadline):
+    """A real chat completion, with the key: returns when it was asked for and its answer. Fails (and stops the
+    server) when none comes back."""
+    tag = p["run_id"]
     t0 = time.time()
     status, answer = _request(url + "/chat/completions", p["api_key"], {
         "model": name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0},
@@ -260,11 +291,42 @@ def _start(module, p, host, server_dir):
         _stop(server_dir, tag, p["grace_s"])
         module.fail_json(msg="%s: the server of run %s listed %s but no chat completion came back (HTTP %s); it was "
                              "stopped; see %s/serve.log" % (host, tag, name, status, server_dir))
+    return t0, content
+
+
+def _check_key_required(module, p, host, server_dir, url):
+    """Fails (and stops the server) when it answers a request without the key."""
+    tag = p["run_id"]
     unauthenticated, _ = _request(url + "/models", None, timeout=10)
     if unauthenticated != 401:
         _stop(server_dir, tag, p["grace_s"])
         module.fail_json(msg="%s: the server of run %s answered a request without the key (HTTP %s); it was stopped"
                              % (host, tag, unauthenticated))
+
+
+def _start(module, p, host, server_dir):
+    run_dir = os.path.join(p["root"], "runs", p["run_id"])
+    tag = p["run_id"]
+    _check_servable(module, p, host, server_dir, run_dir)
+    node_env = supervisor.read(os.path.join(run_dir, "node.env"), "") or ""
+    vbin = _venv_bin(node_env)
+    if not vbin:
+        module.fail_json(msg="%s: cannot tell run %s's stack venv from its node.env; provision the node again" % (host, tag))
+    trained = _read_trained(module, host, run_dir, vbin)
+    spec = _api_spec(module, p, host, run_dir, trained)
+    bind = p["host"] or "127.0.0.1"
+    _check_port_free(module, p, host, bind)
+    name = p["name"] or tag
+    _write_server_files(p, server_dir, spec, node_env, bind, name)
+    proc = _launch_server(server_dir, tag)
+    url = "http://%s:%d/v1" % (bind, p["port"])
+    info = {"endpoint": url, "model_name": name, "model": p["model"], "node": host, "pid": proc.pid,
+            "started_at": time.time(), "serves": spec["model_name_or_path"], "adapter": spec.get("adapter_name_or_path")}
+    supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))
+    # ready: the model is listed and a real completion comes back, both with the key
+    deadline = _wait_until_listed(module, p, host, server_dir, proc, url, name)
+    t0, content = _first_completion(module, p, host, server_dir, url, name, deadline)
+    _check_key_required(module, p, host, server_dir, url)
     info.update(ready_s=round(time.time() - info["started_at"], 1), first_completion_s=round(time.time() - t0, 2),
                 first_answer=content)
     supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))

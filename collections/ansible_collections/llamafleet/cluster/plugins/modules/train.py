@@ -215,7 +215,6 @@ run:
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -229,6 +228,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import nccl_interfaces, node_facts
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import sha256_file
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 ACTIVE = "active"
@@ -236,14 +236,6 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 _read, _write = supervisor.read, supervisor.write
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _active_run(root):
@@ -347,7 +339,7 @@ def _check_inputs(p, extras=False):
             bad.append("%s (missing)" % rel)
             continue
         key = "%d:%d" % (st.st_size, st.st_mtime_ns)
-        got = cache.get(path, {}).get(key) or _sha256(path)
+        got = cache.get(path, {}).get(key) or sha256_file(path)
         fresh[path] = {key: got}
         if got != want:
             bad.append("%s (sha256 differs)" % rel)
@@ -428,6 +420,33 @@ def _release_launch_lock(root, run_id):
     return False
 
 
+def _master_port_problems(p):
+    """Why the master could not take its rendezvous port (TCP) and its heartbeat port (UDP, the same number);
+    empty when both bind."""
+    problems = []
+    s = socket.socket()
+    # as torch's TCPStore binds it: connections of an earlier run in TIME_WAIT do not hold the port
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("", p["master_port"]))
+    except OSError as exc:
+        problems.append("the rendezvous port %d is already in use on the master (%s); set train_master_port "
+                        "to a free port" % (p["master_port"], exc.strerror))
+    finally:
+        s.close()
+    # the supervisors' heartbeat uses the same port number over UDP
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("", p["master_port"]))
+    except OSError as exc:
+        problems.append("UDP port %d (the run's heartbeat, on the rendezvous port number) is already in use on "
+                        "the master (%s); set train_master_port to a port free for TCP and UDP"
+                        % (p["master_port"], exc.strerror))
+    finally:
+        u.close()
+    return problems
+
+
 def _prepare(module, p, host):
     problems = []
     root = p["root"]
@@ -462,26 +481,7 @@ def _prepare(module, p, host):
         problems.append("only %.1f GiB free at %s; outputs need %.1f GiB (train_min_disk_gb)" % (free, root, p["min_disk_gb"]))
     # a run being replaced still holds the port: it is stopped, and the port bound, only when starting
     if p["master"] and not problems and not replacing:
-        s = socket.socket()
-        # as torch's TCPStore binds it: connections of an earlier run in TIME_WAIT do not hold the port
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", p["master_port"]))
-        except OSError as exc:
-            problems.append("the rendezvous port %d is already in use on the master (%s); set train_master_port "
-                            "to a free port" % (p["master_port"], exc.strerror))
-        finally:
-            s.close()
-        # the supervisors' heartbeat uses the same port number over UDP
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("", p["master_port"]))
-        except OSError as exc:
-            problems.append("UDP port %d (the run's heartbeat, on the rendezvous port number) is already in use on "
-                            "the master (%s); set train_master_port to a port free for TCP and UDP"
-                            % (p["master_port"], exc.strerror))
-        finally:
-            u.close()
+        problems.extend(_master_port_problems(p))
     if p["venv_name"]:
         out["node"], out["stack"] = node_facts(p, os.path.join(root, "stacks", p["venv_name"]))
     out.update(_hub_and_model(p))
@@ -650,27 +650,9 @@ def _interface_to(addr):
     return None
 
 
-def _start(module, p, host):
-    root, run_id = p["root"], p["run_id"]
-    run_dir = os.path.join(root, "runs", run_id)
-    if p["manifest"]:
-        differ = _check_inputs(p)
-        if differ:
-            module.fail_json(msg="%s: inputs on this node differ from the controller's after the sync: %s; nothing was "
-                                 "started, rerun train" % (host, ", ".join(differ[:10])))
-    replaced = _replaced_run(p)
-    if replaced:
-        _stop(root, replaced, p["grace_s"])
-    bad = [k for k in p["secret_env"] if not ENV_NAME.match(k)]
-    if bad:
-        module.fail_json(msg="%s: secret environment variable name %r is not valid in a shell; use letters, digits "
-                             "and _ (train_env)" % (host, bad[0]))
-    if p["shared_output_dir"]:
-        _prepare_output(module, p, host, run_dir)
-    if p["workers"] and p["master_addr"]:
-        _rendezvous_check(module, p, host)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    os.chmod(run_dir, 0o700)  # it holds node.env with the run's secrets
+def _run_files(module, p, host, run_dir):
+    """The run's files as this node writes them: the controller's, with the resume checkpoint in train.yaml and,
+    in node.env, the interface that reaches the master and the secret environment."""
     files = dict(p["files"])
     if p["resume_checkpoint"]:
         ckpt = os.path.join(p["shared_output_dir"] or os.path.join(run_dir, "output"), p["resume_checkpoint"])
@@ -692,13 +674,14 @@ def _start(module, p, host):
         # only here: the plan, the logs and what is collected hold *** or nothing for them
         files["node.env"] = files.get("node.env", "") + "# secrets of train_env: in this file only\n" + "".join(
             "export %s=%s\n" % (k, shlex.quote(str(v))) for k, v in sorted(p["secret_env"].items()))
-    for name, content in files.items():
-        if "/" in name or name.startswith("."):
-            module.fail_json(msg="bad run file name %r" % name)
-        _write(os.path.join(run_dir, name), content, 0o600 if name == "node.env" else 0o644)
-    script = "\n".join([
+    return files
+
+
+def _launch_script(p, run_dir):
+    """launch.sh: runs this node's command in the run directory with node.env, and records its exit code."""
+    return "\n".join([
         "#!/bin/sh",
-        "# Generated by llamafleet: starts this node's part of run %s." % run_id,
+        "# Generated by llamafleet: starts this node's part of run %s." % p["run_id"],
         "cd %s || exit 97" % shlex.quote(run_dir),
         ". ./node.env",
         "%s" % " ".join(shlex.quote(a) for a in p["command"]),
@@ -707,7 +690,35 @@ def _start(module, p, host):
         'exit "$rc"',
         "",
     ])
-    _write(os.path.join(run_dir, "launch.sh"), script, 0o755)
+
+
+def _start(module, p, host):
+    root, run_id = p["root"], p["run_id"]
+    run_dir = os.path.join(root, "runs", run_id)
+    if p["manifest"]:
+        differ = _check_inputs(p)
+        if differ:
+            module.fail_json(msg="%s: inputs on this node differ from the controller's after the sync: %s; nothing was "
+                                 "started, rerun train" % (host, ", ".join(differ[:10])))
+    replaced = _replaced_run(p)
+    if replaced:
+        _stop(root, replaced, p["grace_s"])
+    bad = [k for k in p["secret_env"] if not ENV_NAME.match(k)]
+    if bad:
+        module.fail_json(msg="%s: secret environment variable name %r is not valid in a shell; use letters, digits "
+                             "and _ (train_env)" % (host, bad[0]))
+    if p["shared_output_dir"]:
+        _prepare_output(module, p, host, run_dir)
+    if p["workers"] and p["master_addr"]:
+        _rendezvous_check(module, p, host)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)  # it holds node.env with the run's secrets
+    files = _run_files(module, p, host, run_dir)
+    for name, content in files.items():
+        if "/" in name or name.startswith("."):
+            module.fail_json(msg="bad run file name %r" % name)
+        _write(os.path.join(run_dir, name), content, 0o600 if name == "node.env" else 0o644)
+    _write(os.path.join(run_dir, "launch.sh"), _launch_script(p, run_dir), 0o755)
     _start_supervisor(module, p, host, run_dir)
     _write(os.path.join(root, "runs", ACTIVE), run_id)
     if p["master"]:
@@ -762,6 +773,20 @@ def _start_supervisor(module, p, host, run_dir):
         tail = (_read(os.path.join(run_dir, "train.log"), "") or "").splitlines()[-10:]
         module.fail_json(msg="%s: training exited at once (exit %s):\n%s" % (host, rc.strip(), "\n".join(tail)),
                          run=_run_state(p["root"], p["run_id"]))
+
+
+def _stop_or_report(module, p):
+    """States stopped and status: of the run given, else of the active one (absent when there is none)."""
+    run_id = p["run_id"] or _active_run(p["root"])
+    if not run_id:
+        module.exit_json(changed=False, run={"run_id": None, "state": "absent"})
+    if p["state"] == "stopped":
+        changed = _stop(p["root"], run_id, p["grace_s"])
+        if _active_run(p["root"]) == run_id:
+            os.unlink(os.path.join(p["root"], "runs", ACTIVE))
+        module.exit_json(changed=changed, run=_run_state(p["root"], run_id, log_lines=p["log_lines"]))
+    module.exit_json(changed=False, run=_run_state(p["root"], run_id, log_lines=p["log_lines"],
+                                                   progress_file=p["progress_file"] if p["master"] else None))
 
 
 def main():
@@ -819,16 +844,7 @@ def main():
         _start(module, p, host)
     if p["state"] == "released":
         module.exit_json(changed=_release_launch_lock(p["root"], p["run_id"]))
-    run_id = p["run_id"] or _active_run(p["root"])
-    if not run_id:
-        module.exit_json(changed=False, run={"run_id": None, "state": "absent"})
-    if p["state"] == "stopped":
-        changed = _stop(p["root"], run_id, p["grace_s"])
-        if _active_run(p["root"]) == run_id:
-            os.unlink(os.path.join(p["root"], "runs", ACTIVE))
-        module.exit_json(changed=changed, run=_run_state(p["root"], run_id, log_lines=p["log_lines"]))
-    module.exit_json(changed=False, run=_run_state(p["root"], run_id, log_lines=p["log_lines"],
-                                                   progress_file=p["progress_file"] if p["master"] else None))
+    _stop_or_report(module, p)
 
 
 if __name__ == "__main__":

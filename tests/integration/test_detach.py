@@ -80,7 +80,7 @@ def _follow_in_terminal(terminal, name, inv, cfg, *flags):
 
 
 def test_ctrl_c_detaches_and_follow_reattaches(terminal, two_nodes, job, cli):
-    cfg = variant(job, "detach", max_steps=80, save_steps=1000)
+    cfg = variant(job, "detach", max_steps=1500, save_steps=100000)  # ~60 s: still running at Ctrl-C
     term, run_id = _follow_in_terminal(terminal, "detach", two_nodes, cfg)
     try:
         term.tmux("send-keys", "-t", "t", "C-c")
@@ -105,7 +105,7 @@ def test_ctrl_c_detaches_and_follow_reattaches(terminal, two_nodes, job, cli):
 
 
 def test_ctrl_c_with_stop_on_interrupt_stops_every_rank(terminal, two_nodes, job):
-    cfg = variant(job, "interrupt", max_steps=400, save_steps=1000)
+    cfg = variant(job, "interrupt", max_steps=20000, save_steps=100000)  # stopped long before its end
     term, run_id = _follow_in_terminal(terminal, "interrupt", two_nodes, cfg, "--stop-on-interrupt")
     try:
         assert run_processes(run_id)

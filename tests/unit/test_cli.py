@@ -196,3 +196,21 @@ def test_while_the_master_runs_follow_asks_only_the_master(monkeypatch):
     assert asked == [None, "a", "a", "a", None, None]  # the last: the final status after collecting
     assert result.state == "failed" and result.errors[0] == "the run failed: b: training exited with code 1"
     assert [n.name for n in seen[1].nodes] == ["a", "b"] and seen[1].progress == {"current_steps": 2}
+
+
+def test_a_rank_that_aborts_in_cxx_shows_its_abort_line_not_only_torchruns_signal_6():
+    # node2's last lines in a real run where rank 1 aborted in PyTorch's gloo teardown after training
+    tail = ("[INFO|trainer.py:1823] 2026-12-02 21:57:48,066 >> ", "Training completed. Do not forget to share",
+            "terminate called without an active exception",
+            "E1202 21:57:48.253000 5125 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -6)",
+            "Traceback (most recent call last):", "    raise ChildFailedError(",
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+            "  exitcode  : -6 (pid: 5126)  (SIGABRT)", "  traceback : Signal 6 (SIGABRT) received by PID 5126",
+            "subprocess.CalledProcessError: Command '['torchrun', ...]' returned non-zero exit status 1.")
+    shown = training._telling_lines(tail)
+    assert shown[0] == "terminate called without an active exception"
+    assert shown.count("terminate called without an active exception") == 1
+    assert not any("CalledProcessError" in line or "ChildFailedError" in line for line in shown)
+    plain = ("Traceback (most recent call last):", "ValueError: Cannot find dataset_info.json", "exit")
+    assert training._telling_lines(plain) == ["Traceback (most recent call last):",
+                                               "ValueError: Cannot find dataset_info.json"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import hub, launch, names, parity, trainconfig
+from . import fit, hub, launch, names, parity, trainconfig
 from .errors import ConfigError
 from .inventory import Cluster, Node
 from .lock import Stack
@@ -95,6 +95,9 @@ class LaunchPlan:
     # node must see the marker the master writes there (output_token) before anything starts
     shared_output_dir: str | None = None
     output_token: str = ""
+    # memory per GPU, estimated (fit.for_plan): {"inputs", "estimate"}, {"skipped": why}, or {} on a CPU stack;
+    # ``arguments`` carries it too, so that the launch judgement checks it against every node's GPU memory
+    fit: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +117,7 @@ class LaunchPlan:
                                                         else "synced to <root>/inputs/" + self.job)
             + f"; relative paths from {self.workdir}",
         ]
+        lines += [f"  {line}" for line in fit.plan_lines(self.fit)]
         lines += [f"    {i['key']}: {i['value']} -> {i['resolved']} ({i['source']})" for i in self.inputs]
         for n in sorted(self.nodes.values(), key=lambda n: n.node_rank):
             lines.append(f"  node rank {n.node_rank}: {n.name}" + (" (master)" if n.master else ""))
@@ -470,9 +474,12 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
                                       inputs_dir=inputs_dir, run_dir=run_dir, env=env, command=command, files=files,
                                       hub_cache_dir=cache_dir, model_check=model_check)
     model, warnings = _model_summary(cfg, pinned)
+    fit_estimate = fit.for_plan(cfg, plan.world_size, cpu_only, (cfg.model.path, pinned.local.get("model")),
+                                pinned.model.files if pinned.model else None, user_accelerate)
     return LaunchPlan(run_id=run_id, job=job, launcher=launcher, config=config, master_addr=cluster.master.train_addr,
                       master_port=master_port, shared_inputs=shared_inputs, stage_dir=stage_dir, manifest=manifest,
                       plan=plan.to_dict(), nodes=nodes, hostfile=hostfile_text, warnings=tuple(warnings),
                       workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs, shared_output)),
-                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint, arguments=arguments,
+                      hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint,
+                      arguments={**arguments, "fit": fit_estimate}, fit=fit_estimate,
                       shared_output_dir=shared_output, output_token=secrets.token_hex(16) if shared_output else "")

@@ -251,6 +251,16 @@ def _gpu_rows(b: _Builder, stack: Stack, facts: Mapping[str, Mapping[str, Any]],
         b.warnings.append("GPU models differ between nodes: " + ", ".join(sorted(str(m) for m in models)))
 
 
+def node_gpus(inspections: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each node's accelerators as its probe listed them (``[{"name", "memory_mib"}]``: its GPUs, else its NPUs),
+    for the launch judgement's check that the run's memory per GPU fits (``fit.check_nodes``)."""
+    out = {}
+    for n, insp in inspections.items():
+        facts = insp.get("node") or {}
+        out[n] = list(facts.get("gpus") or facts.get("npus") or [])
+    return out
+
+
 def compare_model(fingerprints: Mapping[str, Mapping[str, Any]], *, label: str, reference: str,
                   report: ParityReport) -> ParityReport:
     """``report`` with the model compared across nodes (``fingerprints``: node -> what the node's

@@ -2,7 +2,9 @@
 """Controller: compare every node with every other and with the lock; save the report; fail with the table.
 
 With ``max_clock_skew_s`` (a launch, whose node check carries the inspection) the nodes' preflight
-facts (clocks, drivers) are judged in the same task, so that a launch judges all nodes once."""
+facts (clocks, drivers) are judged in the same task, so that a launch judges all nodes once. A launch's
+``train_config`` also carries the plan's memory estimate (``fit``): a node whose GPUs are too small for it
+is refused here, before any rank starts, with the setting that would fit."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
 
-from llamafleet import parity, preflight, trainconfig
+from llamafleet import fit, parity, preflight, trainconfig
 from llamafleet.lock import resolve_dict
 
 
@@ -51,6 +53,8 @@ class ActionModule(ActionBase):
             for key, hosts in hosts_of.items():
                 yaml_problems += trainconfig.check_arguments(config["path"], config["keys"], config.get("template"),
                                                              json.loads(key), "on " + ", ".join(hosts))
+        # the plan's memory per GPU against every node's probed GPU memory (none on a CPU stack)
+        fit_problems = [] if stack.cpu_only else fit.check_nodes((config or {}).get("fit"), parity.node_gpus(inspections))
         models: dict[str, dict] = {}
         for var in args.get("model_vars") or []:
             for host, res in host_results(task_vars, order, var).items():
@@ -66,6 +70,10 @@ class ActionModule(ActionBase):
             failures.append("the training yaml does not fit the nodes' LLaMA-Factory:\n"
                             + "\n".join(f"- {p}" for p in yaml_problems))
             problems += yaml_problems
+        if fit_problems:
+            failures.append("a node's GPUs cannot hold the run (memory per GPU, estimated):\n"
+                            + "\n".join(f"- {p}" for p in fit_problems))
+            problems += fit_problems
         if not report.ok:
             failures.append(report.format() + f"\nreport: {path}")
         if failures:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import api, training
+from . import api, fabric, training
 from .errors import ConfigError, LlamafleetError
 from .parity import ParityReport
 from .paths import STATE_ENV
@@ -111,6 +111,8 @@ def _stack_verb(args, console) -> int:
     if args.verb == "provision":
         kwargs["offline"] = True if args.offline else None
         kwargs["force"] = args.force
+    if args.verb == "check" and args.fabric:
+        return _fabric(args, console)
     fn = api.provision if args.verb == "provision" else api.check
     if args.json or not console.is_terminal:
         result = fn(args.inventory, **kwargs)
@@ -223,7 +225,8 @@ def _train(args, console) -> int:
                   stall_timeout_s=args.stall_timeout, accelerate_config=args.accelerate_config,
                   extravars=_parse_extra(args.extra),
                   workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch,
-                  shared_output=args.shared_output)
+                  shared_output=args.shared_output,
+                  fabric_check=_fabric_kwargs(args) if args.fabric_check else None)
     with Interrupts() as interrupts:
         kwargs.update(cancel=interrupts.event, stop_on_cancel=args.stop_on_interrupt)
         if args.json or not console.is_terminal:
@@ -347,6 +350,41 @@ def _common(s: argparse.ArgumentParser, func, inventory_help: str = "inventory d
     s.set_defaults(func=func)
 
 
+def _fabric_options(s: argparse.ArgumentParser) -> None:
+    """The fabric check's settings (defaults: the inventory's train_fabric_*, see roles/train/defaults)."""
+    s.add_argument("--fabric-sizes", type=lambda v: [float(x) for x in v.split(",")], metavar="MB,MB,...",
+                   help="all_reduce sizes in MB (default 1,4,16,64,256)")
+    s.add_argument("--fabric-pair-mb", type=float, help="size of each node link's test in MB (default 64)")
+    s.add_argument("--fabric-iters", type=int, help="timed iterations per size (default 5)")
+    s.add_argument("--fabric-timeout", type=float, help="seconds the check may take to rendezvous and run each "
+                   "collective (default 300)")
+    s.add_argument("--fabric-min-gbps", type=float, help="fail when a node's link carries less, GB/s (default 0: off)")
+    s.add_argument("--fabric-min-ratio", type=float, help="fail when a node's link carries less than this share of "
+                   "the nodes' median (default 0.5; three nodes or more)")
+
+
+def _fabric_kwargs(args) -> dict[str, Any]:
+    return dict(sizes_mb=args.fabric_sizes, pair_mb=args.fabric_pair_mb, iters=args.fabric_iters,
+                timeout_s=args.fabric_timeout, min_gbps=args.fabric_min_gbps, min_ratio=args.fabric_min_ratio)
+
+
+def _fabric(args, console) -> int:
+    kwargs = dict(_fabric_kwargs(args), extravars=_parse_extra(args.extra))
+    with Interrupts() as interrupts:
+        kwargs["cancel"] = interrupts.event
+        if args.json or not console.is_terminal:
+            result = fabric.check(args.inventory, **kwargs,
+                                  on_status=None if args.json else (lambda st: console.print(st.format_line(), markup=False)))
+        else:
+            with Progress(console) as progress:
+                result = fabric.check(args.inventory, on_event=progress, **kwargs)
+    if args.json:
+        print(result.to_json())
+    else:
+        console.print(result.format(), markup=False, highlight=False)
+    return 0 if result.ok else 1
+
+
 def _add_stack_verbs(sub) -> None:
     """provision and check: the stack on every node."""
     for verb, text in (("provision", "build the lock's stack on every node (or only --limit ones), then prove parity"),
@@ -355,6 +393,10 @@ def _add_stack_verbs(sub) -> None:
         s.add_argument("--limit", help="only these nodes (Ansible pattern); parity still compares with every node")
         s.add_argument("--lock", help="stack lock file (default: the packaged default lock)")
         s.add_argument("--flavor", help="lock flavor: cpu, cu128, system, ... (default: the inventory's llamafleet_flavor)")
+        if verb == "check":
+            s.add_argument("--fabric", action="store_true", help="instead: real all_reduce collectives across every "
+                           "node and GPU, started as training is; bandwidth per size and per node, the slowest named")
+            _fabric_options(s)
         if verb == "provision":
             s.add_argument("--offline", action="store_true", help="build a wheelhouse here and install nodes from it (pip --no-index)")
             s.add_argument("--force", action="store_true", help="change a stack venv even while a running run's ranks "
@@ -396,6 +438,9 @@ def _add_train(sub) -> None:
                    "nodes stop every rank (default: train_stall_timeout_s, 1800; 0 = never)")
     t.add_argument("--stop-on-interrupt", action="store_true",
                    help="Ctrl-C (or SIGTERM, SIGHUP) while following stops every rank; without it the run goes on")
+    t.add_argument("--fabric-check", action="store_true", help="first run the fabric check (llamafleet check "
+                   "--fabric); start training only when it passes")
+    _fabric_options(t)
     _common(t, _train)
 
 

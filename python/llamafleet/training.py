@@ -322,7 +322,7 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
           env: Mapping[str, str] | None = None,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
-          stop_on_cancel: bool = False) -> TrainResult:
+          stop_on_cancel: bool = False, fabric_check: Mapping[str, Any] | None = None) -> TrainResult:
     """Validate, plan, sync, check and start ``config`` on every node (``playbooks/train.yml``);
     with ``follow_run``, then follow it to its end and collect its outputs. ``cancel`` set while the
     ranks start lets the start finish (all or nothing), then ends following (see ``follow``).
@@ -331,18 +331,10 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
     as ``llamafactory-cli`` reads them. ``model_source`` (auto, controller, nodes, hub) and ``hub_fetch``
     (nodes, controller) override the inventory's train_model_source and train_hub_fetch.
     ``start_timeout_s``, ``peer_timeout_s`` and ``stall_timeout_s`` override train_start_timeout_s,
-    train_peer_timeout_s and train_stall_timeout_s: what the nodes' supervisors hold the run to."""
-    check_run_id(run_id, "run id (--run-id)")
-    if (extravars or {}).get("train_job"):
-        from .launchplan import job_name
-
-        job_name(config, str(extravars["train_job"]))
-    if not Path(config).is_file():
-        raise ConfigError(f"training config {config} does not exist: pass the path of your LLaMA-Factory yaml")
-    workdir = Path(workdir or os.getcwd()).resolve()
-    if not workdir.is_dir():
-        raise ConfigError(f"working directory {workdir} does not exist: pass the directory your yaml's relative "
-                          "paths start from (--workdir)")
+    train_peer_timeout_s and train_stall_timeout_s: what the nodes' supervisors hold the run to.
+    ``fabric_check`` (settings of ``fabric.check``; {} for the inventory's): the fabric check runs first, and
+    nothing trains unless it passes."""
+    workdir = _check_train_args(config, run_id, workdir, extravars)
     ev = _extra(extravars, train_config=str(Path(config).resolve()), train_launcher=launcher,
                 train_master_port=master_port, train_run_id=run_id or "", train_replace=replace,
                 train_dry_run=dry_run, train_shared_inputs=shared_inputs, train_shared_output=shared_output,
@@ -353,6 +345,11 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
                 train_accelerate_config=accelerate_config)
     if env:
         ev["train_env"] = dict(env)
+    if fabric_check is not None and not dry_run:
+        refused = _fabric_gate(inventory, fabric_check, master_port=master_port, replace=replace, env=env,
+                               extravars=extravars, on_event=on_event, cancel=cancel)
+        if refused is not None:
+            return refused
     run = run_playbook("train.yml", inventory, verb="train", extravars=ev, on_event=on_event)
     planned = next(iter((run.results.get("train_plan") or {}).values()), {})
     plan = planned.get("plan")
@@ -371,6 +368,37 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
     done = follow(inventory, rid, poll_s=poll_s, extravars=extravars,
                   on_status=on_status, cancel=cancel, stop_on_cancel=stop_on_cancel)
     return dataclasses.replace(done, plan=plan, summary=summary, log_path=str(run.log_path))
+
+
+def _check_train_args(config: str | os.PathLike, run_id: str | None, workdir: str | os.PathLike | None,
+                      extravars: Mapping[str, Any] | None) -> Path:
+    """The launch's own arguments, before any playbook: the run id, the job name, the yaml, the workdir."""
+    check_run_id(run_id, "run id (--run-id)")
+    if (extravars or {}).get("train_job"):
+        from .launchplan import job_name
+
+        job_name(config, str(extravars["train_job"]))
+    if not Path(config).is_file():
+        raise ConfigError(f"training config {config} does not exist: pass the path of your LLaMA-Factory yaml")
+    resolved = Path(workdir or os.getcwd()).resolve()
+    if not resolved.is_dir():
+        raise ConfigError(f"working directory {resolved} does not exist: pass the directory your yaml's relative "
+                          "paths start from (--workdir)")
+    return resolved
+
+
+def _fabric_gate(inventory: str | os.PathLike, settings: Mapping[str, Any], **kw: Any) -> TrainResult | None:
+    """The fabric check before a launch: None when it passed, else the launch's refusal with its reasons."""
+    from . import fabric
+
+    report = fabric.check(inventory, **{k: v for k, v in settings.items() if v is not None}, **kw)
+    if report.ok:
+        return None
+    why = report.problems + report.errors
+    return TrainResult(ok=False, run_id=None, state="not-started", plan=None, summary=report.format(), status=None,
+                       errors=(f"the fabric check (run {report.run_id}) failed, so training was not started:",
+                               *(f"- {w}" for w in why)),
+                       run_dir=None, outputs={}, log_path=report.log_path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
 
-from llamafleet import launchplan
+from llamafleet import fabric, launchplan
 from llamafleet.errors import LlamafleetError
 from llamafleet.inventory import Cluster
 from llamafleet.lock import resolve_dict
@@ -28,7 +28,7 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         a = self._task.args
-        if not a.get("config"):
+        if not a.get("config") and not a.get("fabric"):
             result.update(failed=True, msg="no training config: pass -e train_config=path/to/llamafactory.yaml")
             return result
         nodes = len(a["cluster"]["nodes"])
@@ -40,7 +40,7 @@ class ActionModule(ActionBase):
                                            % (nodes, forks, nodes))
             return result
         try:
-            plan = launchplan.make_plan(
+            plan = self._fabric_plan(a) if a.get("fabric") else launchplan.make_plan(
                 a["config"], Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]), state_dir=state_dir(a["state_dir"]),
                 workdir=a.get("workdir") or None, launcher=a.get("launcher") or "torchrun",
                 master_port=int(a.get("master_port") or 29500), run_id=a.get("run_id") or None, job=a.get("job") or None,
@@ -52,7 +52,8 @@ class ActionModule(ActionBase):
                 accelerate_config=a.get("accelerate_config") or None)
         except LlamafleetError as exc:
             result.update(failed=True, problems=exc.problems,
-                          msg="the training configuration cannot run; no node was started:\n"
+                          msg=("the fabric check" if a.get("fabric") else "the training configuration")
+                          + " cannot run; no node was started:\n"
                               + "\n".join(f"- {p}" for p in exc.problems))
             return result
         result.update(changed=False, plan=plan.to_dict(), summary=plan.format(detail=bool(a.get("detail"))))
@@ -60,6 +61,15 @@ class ActionModule(ActionBase):
             result["supervisor_key"] = _new_key(state_dir(a["state_dir"]), plan.run_id)
             result["launched_by"] = "%s@%s" % (getpass.getuser(), socket.gethostname())
         return result
+
+
+    @staticmethod
+    def _fabric_plan(a):
+        """The fabric check's plan: fabric_probe.py instead of the yaml, everything else as for training."""
+        return fabric.make_plan(Cluster.from_dict(a["cluster"]), resolve_dict(a["stack"]),
+                                fabric.FabricOptions.from_dict(a["fabric"]),
+                                master_port=int(a.get("master_port") or 29500), run_id=a.get("run_id") or None,
+                                extra_env=a.get("extra_env") or None)
 
 
 def _new_key(base, run_id):

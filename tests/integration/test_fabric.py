@@ -94,7 +94,8 @@ def test_a_node_whose_collectives_cannot_connect_fails_within_the_timeout_and_tr
         took = time.monotonic() - t0
         report = _report(failed.stdout)
         assert failed.returncode == 1 and not report["ok"], failed.stdout[-3000:]
-        assert any("within 20 s" in e for e in report["errors"]), report
+        assert any("the fabric check did not complete within 20 s" in e and "train_fabric_timeout_s" in e
+                   for e in report["errors"]), report
         assert took < 20 + 90, took  # its timeout, plus the launch and the stop
         assert not run_processes(report["run_id"])
         train = subprocess.run([str(EXE), "train", "-i", str(three_nodes), str(job / "sft_lora.yaml"), "--follow",

@@ -186,6 +186,14 @@ def test_no_first_step_in_time_is_a_failure(cluster):
     assert "no training step within 2 s" in nodes["w"].state()["reason"]
 
 
+def test_a_fabric_check_that_does_not_complete_says_so_not_training(cluster):
+    nodes = cluster({"m": "sleep 60", "w": "sleep 60"}, start_timeout_s=2, activity="fabric")
+    _until(lambda: not any(n.ranks_alive() for n in nodes.values()), 10)
+    reason = nodes["w"].state()["reason"]
+    assert "the fabric check did not complete within 2 s of the start" in reason and "train_fabric_timeout_s" in reason
+    assert "training step" not in reason
+
+
 def test_a_heartbeat_port_in_use_is_reported_and_nothing_starts(cluster):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", cluster.port))

@@ -417,13 +417,22 @@ class Supervisor:
             self.progress_seen = sizes
             self.last_progress = now
         if not self.first_step and self.start_timeout and now - self.started > self.start_timeout:
-            self.fail("no training step within %g s of the start: a node probably never reached the rendezvous "
-                      "(MASTER_ADDR/MASTER_PORT, firewall, NCCL interface) or rank 0 is stuck before training "
-                      "(train_start_timeout_s)" % self.start_timeout)
+            self.fail(self._timeout_message("start", self.start_timeout))
         elif self.first_step and self.stall_timeout and now - self.last_progress > self.stall_timeout:
-            self.fail("no progress for %g s after the first step: a collective hangs (a rank stopped or stuck, a "
-                      "link, a GPU); rank 0's trainer log and the training log stopped growing "
-                      "(train_stall_timeout_s)" % self.stall_timeout)
+            self.fail(self._timeout_message("stall", self.stall_timeout))
+
+    def _timeout_message(self, which, seconds):
+        if self.cfg.get("activity") == "fabric":
+            return ("the fabric check did not complete within %g s%s: a node never reached the rendezvous "
+                    "(MASTER_ADDR/MASTER_PORT, firewall, NCCL/GLOO socket interface) or a collective hangs on a link "
+                    "(train_fabric_timeout_s)" % (seconds, " of the start" if which == "start" else " of its last result"))
+        if which == "start":
+            return ("no training step within %g s of the start: a node probably never reached the rendezvous "
+                    "(MASTER_ADDR/MASTER_PORT, firewall, NCCL interface) or rank 0 is stuck before training "
+                    "(train_start_timeout_s)" % seconds)
+        return ("no progress for %g s after the first step: a collective hangs (a rank stopped or stuck, a "
+                "link, a GPU); rank 0's trainer log and the training log stopped growing "
+                "(train_stall_timeout_s)" % seconds)
 
     def _check_peers(self):
         if self.stopper is not None:

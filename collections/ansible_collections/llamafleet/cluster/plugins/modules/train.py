@@ -189,6 +189,12 @@ options:
       stops every rank (0 = never).
     type: float
     default: 1800
+  activity:
+    description: With C(started), what the ranks run, for the supervisors' messages: C(training) (the yaml) or
+      C(fabric) (the fabric check, held to train_fabric_timeout_s).
+    type: str
+    choices: [training, fabric]
+    default: training
   start_timeout_s:
     description: With C(started), seconds without a first training step before the master's supervisor stops
       every rank (0 = never).
@@ -742,7 +748,7 @@ def _start_supervisor(module, p, host, run_dir):
               "master_addr": p["master_addr"] or "127.0.0.1", "port": p["master_port"], "peers": p["peers"],
               "secret": p["supervisor_secret"], "peer_timeout_s": p["peer_timeout_s"],
               "stall_timeout_s": p["stall_timeout_s"], "start_timeout_s": p["start_timeout_s"],
-              "fail_grace_s": p["fail_grace_s"], "progress_file": p["progress_file"]}
+              "fail_grace_s": p["fail_grace_s"], "progress_file": p["progress_file"], "activity": p["activity"]}
     _write(os.path.join(run_dir, supervisor.CONFIG), json.dumps(config), 0o600)  # it holds the run's secret
     _write(os.path.join(run_dir, supervisor.SCRIPT), _supervisor_source(), 0o644)
     for stale in ("rc", "stopped", "pid", "pid_start", supervisor.STATE):
@@ -831,6 +837,7 @@ def main():
             supervisor_secret=dict(type="str", default="", no_log=True),
             peer_timeout_s=dict(type="float", default=30),
             stall_timeout_s=dict(type="float", default=1800),
+            activity=dict(type="str", default="training", choices=["training", "fabric"]),
             start_timeout_s=dict(type="float", default=900),
             fail_grace_s=dict(type="float", default=1),
         ),

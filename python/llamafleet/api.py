@@ -75,8 +75,10 @@ class StackResult:
 
 
 def _extravars(lock_file: str | os.PathLike | None, flavor: str | None, offline: bool | None,
-               extra: Mapping[str, Any] | None) -> dict[str, Any]:
+               extra: Mapping[str, Any] | None, serving: str | None = None) -> dict[str, Any]:
     ev: dict[str, Any] = dict(extra or {})
+    if serving:
+        ev["llamafleet_serving"] = serving
     if lock_file:
         ev["llamafleet_lock_file"] = str(os.path.abspath(lock_file))
     if flavor:
@@ -86,7 +88,7 @@ def _extravars(lock_file: str | os.PathLike | None, flavor: str | None, offline:
     return ev
 
 
-def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
+def _summarize(verb: str, inventory: str, run: PlaybookResult, limit: str | None = None) -> StackResult:
     parity = None
     report_path = None
     for res in (run.results.get("parity") or {}).values():
@@ -101,7 +103,7 @@ def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
         o = run.hosts.get(name)
         res = installs.get(name) or {}
         if o is None:
-            action = "not reached"
+            action = "not in --limit" if limit else "not reached"
         elif o.unreachable:
             action = "unreachable"
         elif o.failed:
@@ -122,22 +124,23 @@ def _summarize(verb: str, inventory: str, run: PlaybookResult) -> StackResult:
 
 def provision(inventory: str | os.PathLike, *, limit: str | None = None, lock_file: str | os.PathLike | None = None,
               flavor: str | None = None, offline: bool | None = None, force: bool = False,
-              extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
-              cancel: threading.Event | None = None) -> StackResult:
+              serving: str | None = None, extravars: Mapping[str, Any] | None = None,
+              on_event: Callable[[TaskEvent], None] | None = None, cancel: threading.Event | None = None) -> StackResult:
     """Make every node's training stack match the lock, then prove parity (``playbooks/provision.yml``).
-    A venv that a running run's ranks use is not changed (the node's error names the run) unless ``force``."""
-    extra = _extravars(lock_file, flavor, offline, extravars)
+    A venv that a running run's ranks use is not changed (the node's error names the run) unless ``force``.
+    ``serving="vllm"``: that serving stack of the lock instead, a venv of its own (on the ``limit`` nodes)."""
+    extra = _extravars(lock_file, flavor, offline, extravars, serving)
     if force:
         extra["stack_force"] = True
     run = run_playbook("provision.yml", inventory, limit=limit, on_event=on_event, cancel=cancel, verb="provision",
                        extravars=extra)
-    return _summarize("provision", str(inventory), run)
+    return _summarize("provision", str(inventory), run, limit)
 
 
 def check(inventory: str | os.PathLike, *, limit: str | None = None, lock_file: str | os.PathLike | None = None,
-          flavor: str | None = None, extravars: Mapping[str, Any] | None = None,
+          flavor: str | None = None, serving: str | None = None, extravars: Mapping[str, Any] | None = None,
           on_event: Callable[[TaskEvent], None] | None = None) -> StackResult:
     """Probe every node and compare; changes nothing on any node (``playbooks/check.yml``)."""
     run = run_playbook("check.yml", inventory, limit=limit, on_event=on_event, verb="check",
-                       extravars=_extravars(lock_file, flavor, None, extravars))
-    return _summarize("check", str(inventory), run)
+                       extravars=_extravars(lock_file, flavor, None, extravars, serving))
+    return _summarize("check", str(inventory), run, limit)

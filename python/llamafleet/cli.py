@@ -108,6 +108,8 @@ def _print_result(console, result: api.StackResult) -> None:
 
 def _stack_verb(args, console) -> int:
     kwargs = dict(limit=args.limit, lock_file=args.lock, flavor=args.flavor, extravars=_parse_extra(args.extra))
+    if args.serving:
+        kwargs["serving"] = args.serving
     if args.verb == "provision":
         kwargs["offline"] = True if args.offline else None
         kwargs["force"] = args.force
@@ -306,7 +308,8 @@ def _serve(args, console) -> int:
             if not key:
                 raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
         kw = dict(nodes=args.node, model="export" if args.export else "adapter", host=args.host, port=args.port,
-                  name=args.name, api_key=key, ready_timeout_s=args.ready_timeout, extravars=extra)
+                  name=args.name, api_key=key, ready_timeout_s=args.ready_timeout, backend=args.backend,
+                  tensor_parallel=args.tensor_parallel, vllm_args=args.vllm_arg, extravars=extra)
         if args.json or not console.is_terminal:
             result = serving.serve(args.inventory, args.run_id, **kw)
         else:
@@ -393,6 +396,8 @@ def _add_stack_verbs(sub) -> None:
         s.add_argument("--limit", help="only these nodes (Ansible pattern); parity still compares with every node")
         s.add_argument("--lock", help="stack lock file (default: the packaged default lock)")
         s.add_argument("--flavor", help="lock flavor: cpu, cu128, system, ... (default: the inventory's llamafleet_flavor)")
+        s.add_argument("--serving", metavar="NAME", help="a serving stack of the lock (vllm: it pins its own torch) "
+                       "instead of the training stack: a venv of its own, on the nodes that serve (--limit)")
         if verb == "check":
             s.add_argument("--fabric", action="store_true", help="instead: real all_reduce collectives across every "
                            "node and GPU, started as training is; bandwidth per size and per node, the slowest named")
@@ -477,7 +482,7 @@ def _add_serve(sub) -> None:
     """serve: an OpenAI-compatible API for a run's adapter or export."""
     v = sub.add_parser("serve", help="serve a run's adapter (or export) behind an OpenAI-compatible API on a node",
                        description="Serve a run's LoRA adapter (or its merged export) with llamafactory-cli api from "
-                                   "the run's own stack, bound to the node's training address, with an API key; "
+                                   "the run's own stack, or vllm serve from the lock's vllm serving stack, bound to the node's training address, with an API key; "
                                    "ready when a real chat completion came back. --status and --stop for servers.")
     v.add_argument("run_id", help="the run to serve")
     v.add_argument("--node", action="append", default=[], help="a node that serves (repeatable; default: the master)")
@@ -488,6 +493,13 @@ def _add_serve(sub) -> None:
     v.add_argument("--api-key-env", metavar="VAR", help="take the API key from this environment variable (default: "
                    "$LLAMAFLEET_API_KEY, else one kept in <state_dir>/servers/RUN_ID.key)")
     v.add_argument("--ready-timeout", type=int, default=900, help="seconds to load and answer (default 900)")
+    v.add_argument("--backend", choices=["auto", "api", "vllm"], help="auto (default): vLLM on CUDA stacks whose lock "
+                   "has a vllm serving stack, llamafactory-cli api elsewhere; vllm needs `llamafleet provision "
+                   "--serving vllm --limit NODE` first")
+    v.add_argument("--tensor-parallel", type=int, help="vLLM's tensor parallel size (default: the largest the "
+                   "model's heads and the node's GPUs allow)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="one more argument for vllm serve, "
+                   "e.g. --vllm-arg=--max-model-len=4096 (repeatable; never the API key)")
     what = v.add_mutually_exclusive_group()
     what.add_argument("--status", action="store_true", help="where the run's servers stand")
     what.add_argument("--stop", action="store_true", help="stop the run's servers")

@@ -27,6 +27,17 @@ Lock format (schema 1)::
         driver_min: null           # lowest NVIDIA driver that runs this CUDA, checked, never installed
         accelerator: npu           # Ascend NPUs (torch_npu): cuda null, ASCEND_RT_VISIBLE_DEVICES/HCCL_* rendered
         cann: "8.2.RC1"            # npu: the CANN toolkit every node must have (checked, never installed)
+    serving:                       # stacks of their own for servers that pin their own torch (vLLM)
+      vllm:
+        description: ...
+        flavors: [cu128, system]   # the training flavors whose nodes can run it
+        cuda: "12.8"
+        packages: {name: version}  # its whole closure (nothing of the training packages is shared)
+        components: [vllm, torch]  # parity table; smoke_imports, strip, pip, driver_min as for a flavor
+
+A serving stack is a venv of its own beside the training one (``stack-<hash>``, its own content hash),
+provisioned and parity-checked the same way, only on the nodes that serve (``llamafleet provision
+--serving vllm --limit NODES``).
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ class Stack:
     system_provided: tuple[str, ...] = ()  # torch_mode system: verified in the base image, not installed
     accelerator: str | None = None  # cuda | npu | None (CPU only)
     cann: str | None = None  # npu: the CANN version every node must have (checked, never installed); None: the same
+    serving: str | None = None  # the lock's serving stack this is (vllm), None: the training stack
 
     @property
     def venv_name(self) -> str:
@@ -171,6 +183,7 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
         for drop in fl.get("without") or []:
             if canonical_name(drop) not in {canonical_name(n) for n in (data.get("packages") or {})}:
                 problems.append(_problem(p, f"{key}.without", f"{drop!r} is not in packages; remove it from without"))
+    problems += _check_serving(p, data.get("serving"), flavors)
     for listkey in ("components", "smoke_imports", "build_with_torch"):
         val = data.get(listkey, [])
         if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
@@ -179,6 +192,29 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
         raise LockError(problems)
     data["_path"] = str(p.resolve())
     return data
+
+
+def _check_serving(path: Path, serving: Any, flavors: Mapping[str, Any]) -> list[str]:
+    if serving is None:
+        return []
+    if not isinstance(serving, dict):
+        return [_problem(path, "serving", "must map each serving stack's name (vllm) to its settings")]
+    out = []
+    for name, sv in serving.items():
+        key = f"serving.{name}"
+        if not isinstance(sv, dict):
+            out.append(_problem(path, key, "must be a mapping"))
+            continue
+        if not isinstance(sv.get("packages"), dict) or not sv["packages"]:
+            out.append(_problem(path, f"{key}.packages", "must be the stack's whole closure: package name to exact version"))
+        else:
+            out += _check_pins(path, f"{key}.packages", sv["packages"])
+        for fl in sv.get("flavors") or []:
+            if fl not in flavors:
+                out.append(_problem(path, f"{key}.flavors", f"names {fl!r}, which is not a flavor of this lock"))
+        if not sv.get("flavors"):
+            out.append(_problem(path, f"{key}.flavors", "must list the training flavors whose nodes can run it"))
+    return out
 
 
 def _check_pins(path: Path, key: str, pins: Any) -> list[str]:
@@ -260,6 +296,39 @@ def _accelerator(fl: Mapping[str, Any], flavor: str, path: str) -> str | None:
 
 def load_stack(path: str | Path | None, flavor: str, pip_override: Mapping[str, Any] | None = None) -> Stack:
     return resolve(load(path), flavor, pip_override)
+
+
+def serving_names(lock: Mapping[str, Any], flavor: str) -> list[str]:
+    """The serving stacks of the lock that run on nodes of this training flavor."""
+    return sorted(n for n, sv in (lock.get("serving") or {}).items() if flavor in (sv.get("flavors") or ()))
+
+
+def resolve_serving(lock: Mapping[str, Any], name: str, flavor: str,
+                    pip_override: Mapping[str, Any] | None = None) -> Stack:
+    """The serving stack ``name`` for nodes of training flavor ``flavor``: a venv of its own (its own closure,
+    torch included, its own hash), never mixed with the training stack."""
+    serving = lock.get("serving") or {}
+    if name not in serving:
+        known = ", ".join(sorted(serving)) or "none"
+        raise LockError(f"serving stack {name!r} is not in {lock['_path']} (its serving stacks: {known}); "
+                        f"add it under serving:, or serve with the api backend (--backend api)")
+    sv = serving[name]
+    if flavor not in (sv.get("flavors") or ()):
+        raise LockError(f"the {name} serving stack of {lock['_path']} runs on nodes of flavor "
+                        f"{', '.join(sv.get('flavors') or ())}; these nodes are llamafleet_flavor {flavor}: "
+                        f"serve with the api backend (--backend api), which runs on every flavor")
+    as_flavor = dict(sv, torch_mode="pip", without=[])
+    view = {"_path": lock["_path"], "python": str(sv.get("python") or lock["python"]),
+            "packages": {}, "flavors": {f"serve-{name}": as_flavor},
+            "components": sv.get("components") or [name, "torch"], "smoke_imports": sv.get("smoke_imports") or [name],
+            "build_with_torch": []}
+    stack = resolve(view, f"serve-{name}", pip_override)
+    return dataclasses.replace(stack, serving=name)
+
+
+def load_serving(path: str | Path | None, name: str, flavor: str,
+                 pip_override: Mapping[str, Any] | None = None) -> Stack:
+    return resolve_serving(load(path), name, flavor, pip_override)
 
 
 def resolve_dict(data: Mapping[str, Any]) -> Stack:

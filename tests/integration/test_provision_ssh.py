@@ -130,3 +130,24 @@ def test_another_python_minor_on_one_node_fails_the_check(testbed, inv, tmp_path
     assert any(p.startswith("node3: python is 3.9") for p in bad.parity.problems)
     fixed = provision(path, lock_file=LIGHT_LOCK)
     assert fixed.ok and {n.name: n.action for n in fixed.nodes}["node3"] == "built"
+
+
+def test_a_serving_stack_is_built_beside_the_training_one_only_on_the_nodes_that_serve(testbed, inv):
+    path = inv(nodes=["node1", "node2"])
+    assert provision(path, lock_file=LIGHT_LOCK).ok
+    serving = lock.load_serving(LIGHT_LOCK, "light", "cpu")
+    result = provision(path, lock_file=LIGHT_LOCK, serving="light", limit="node2")
+    assert result.ok, result.format()
+    assert {n.name: n.action for n in result.nodes} == {"node1": "not in --limit", "node2": "built"}
+    assert result.parity.nodes == ("node2",)  # compared among the nodes that serve, not with node1's training stack
+    root2, root1 = inv.root("node2"), inv.root("node1")
+    links = testbed.ssh("node2", f"cd {shlex.quote(str(root2))}/stacks && readlink current serving-light && "
+                                 f"{serving.venv_name}/bin/python -c 'import six; print(six.__version__)' && "
+                                 f"current/bin/python -c 'import six; print(six.__version__)'").stdout.split()
+    assert links == [STACK.venv_name, serving.venv_name, "1.17.0", "1.16.0"]  # the training stack is untouched
+    assert not (root1 / "stacks" / serving.venv_name).exists()
+    again = provision(path, lock_file=LIGHT_LOCK, serving="light", limit="node2")
+    assert again.ok and again.changed == 0, again.format()
+    checked = check(path, lock_file=LIGHT_LOCK, serving="light", limit="node2")
+    assert checked.ok and checked.parity.ok, checked.format()
+    assert check(path, lock_file=LIGHT_LOCK).ok  # the training stack's parity over both nodes still holds

@@ -82,3 +82,53 @@ def test_unknown_flavor_lists_the_known_ones(tmp_path):
 def test_missing_lock_file(tmp_path):
     with pytest.raises(LockError, match="does not exist"):
         lock.load(tmp_path / "nope.yml")
+
+
+SERVING = GOOD + """
+serving:
+  vllm:
+    description: vLLM with its own torch
+    flavors: [sys]
+    cuda: "12.8"
+    components: [vllm, torch]
+    smoke_imports: [vllm]
+    packages: {vllm: "0.11.0", torch: "2.8.0", Six: "1.17.0"}
+"""
+
+
+def test_a_serving_stack_is_a_venv_of_its_own_with_only_its_closure(tmp_path):
+    path = write(tmp_path, SERVING)
+    data = lock.load(path)
+    training = lock.resolve(data, "sys")
+    served = lock.resolve_serving(data, "vllm", "sys")
+    assert served.serving == "vllm" and training.serving is None
+    assert served.venv_name != training.venv_name and served.venv_name.startswith("stack-")
+    assert served.packages == {"vllm": "0.11.0", "torch": "2.8.0", "six": "1.17.0"}  # nothing of the training packages
+    assert served.torch_mode == "pip" and served.system_provided == () and served.build_with_torch == ()
+    assert served.cuda == "12.8" and served.accelerator == "cuda" and not served.cpu_only
+    assert served.components == ("vllm", "torch") and served.smoke_imports == ("vllm",)
+    assert lock.serving_names(data, "sys") == ["vllm"] and lock.serving_names(data, "cpu") == []
+    assert lock.resolve_dict(served.to_dict()) == served
+    bumped = lock.resolve_serving(lock.load(write(tmp_path, SERVING.replace('vllm: "0.11.0"', 'vllm: "0.11.1"'))), "vllm", "sys")
+    assert bumped.venv_name != served.venv_name
+
+
+def test_a_serving_stack_on_a_flavor_it_does_not_run_on_says_to_use_the_api(tmp_path):
+    data = lock.load(write(tmp_path, SERVING))
+    with pytest.raises(LockError, match=r"the vllm serving stack of .* runs on nodes of flavor sys; these nodes are "
+                                         r"llamafleet_flavor cpu: serve with the api backend \(--backend api\)"):
+        lock.resolve_serving(data, "vllm", "cpu")
+    with pytest.raises(LockError, match=r"serving stack 'sglang' is not in .*its serving stacks: vllm"):
+        lock.resolve_serving(data, "sglang", "sys")
+
+
+@pytest.mark.parametrize("section,fragment", [
+    ("serving: [vllm]", "serving: must map each serving stack's name"),
+    ("serving: {vllm: {flavors: [sys]}}", "serving.vllm.packages: must be the stack's whole closure"),
+    ("serving: {vllm: {flavors: [rocm], packages: {vllm: '0.11.0'}}}", "serving.vllm.flavors: names 'rocm'"),
+    ("serving: {vllm: {packages: {vllm: '0.11.0'}}}", "serving.vllm.flavors: must list the training flavors"),
+    ("serving: {vllm: {flavors: [sys], packages: {vllm: 0.11}}}", "serving.vllm.packages.vllm: is 0.11; pin an exact"),
+])
+def test_bad_serving_sections_name_the_key(tmp_path, section, fragment):
+    with pytest.raises(LockError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        lock.load(write(tmp_path, GOOD + section + "\n"))

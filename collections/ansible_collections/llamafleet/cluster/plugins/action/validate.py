@@ -29,12 +29,13 @@ class ActionModule(ActionBase):
             hostvars[h] = {k: self._templar.template(hv[k]) for k in wanted if k in hv}
         problems = []
         cluster = stack = None
+        servings = {}
         try:
             cluster = inventory.validate(hosts, hostvars)
         except LlamafleetError as exc:
             problems += exc.problems
         try:
-            stack = lock.load_stack(args.get("lock_file") or None, args.get("flavor") or "cpu")
+            stack, servings = self._stacks(args)
         except LlamafleetError as exc:
             problems += exc.problems
         if problems:
@@ -42,8 +43,19 @@ class ActionModule(ActionBase):
                           problems=problems)
             return result
         python = args.get("python") or f"python{stack.python}"
-        result.update(changed=False, cluster=cluster.to_dict(), stack=stack.to_dict(), python=python,
+        result.update(changed=False, cluster=cluster.to_dict(), stack=stack.to_dict(), python=python, servings=servings,
                       # run from the CLI the variable is always set; by ansible-playbook, state goes beside the inventory
                       state_dir=str(state_dir(args.get("state_dir"), task_vars.get("inventory_dir"))),
                       gpus={n.name: n.gpus for n in cluster.nodes})
         return result
+
+    @staticmethod
+    def _stacks(args):
+        """The stack this run provisions or checks (the training one, or with ``serving`` set, that serving
+        stack for the training flavor's nodes), and every serving stack those nodes can run, by name."""
+        data = lock.load(args.get("lock_file") or None)
+        flavor = args.get("flavor") or "cpu"
+        training = lock.resolve(data, flavor)
+        servings = {n: lock.resolve_serving(data, n, flavor).to_dict() for n in lock.serving_names(data, flavor)}
+        serving = args.get("serving") or ""
+        return (lock.resolve_serving(data, serving, flavor) if serving else training), servings

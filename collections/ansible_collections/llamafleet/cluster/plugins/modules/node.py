@@ -77,6 +77,11 @@ options:
   controller_time:
     description: The controller's clock (epoch seconds) when it sent this task; the node reports its offset.
     type: float
+  link:
+    description: The link in C(stacks/) that points at the venv once it is built (C(current) for the training stack,
+      C(serving-<name>) for a serving stack, so that one never moves the other).
+    type: str
+    default: current
 """
 
 EXAMPLES = r"""
@@ -190,13 +195,14 @@ def _smoke(p, venv):
                            % (", ".join(p["smoke_imports"]), "\n".join((err or out).strip().splitlines()[-8:])))
 
 
-def _point_current(stacks, venv_name):
-    """stacks/current -> the venv, replaced atomically so readers never see a missing link."""
-    tmp = os.path.join(stacks, ".current.%d" % os.getpid())
+def _point_current(stacks, venv_name, link="current"):
+    """stacks/<link> (current: the training stack; serving-<name>: a serving stack) -> the venv, replaced atomically
+    so readers never see a missing link."""
+    tmp = os.path.join(stacks, ".%s.%d" % (link, os.getpid()))
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.symlink(venv_name, tmp)
-    os.replace(tmp, os.path.join(stacks, "current"))
+    os.replace(tmp, os.path.join(stacks, link))
 
 
 def _build(module, p, venv, interpreter):
@@ -263,6 +269,7 @@ def main():
             system_site_packages=dict(type="bool", default=False),
             gpu_expected=dict(type="bool", default=False),
             controller_time=dict(type="float"),
+            link=dict(type="str", default="current"),
         ),
         supports_check_mode=True,
     )
@@ -311,7 +318,7 @@ def _provision(module, p, node, stacks, venv, interpreter):
             if action == "built" and os.path.lexists(venv):
                 shutil.rmtree(venv, ignore_errors=True)  # never leave a half-built venv behind
             module.fail_json(msg="%s: %s" % (node["hostname"], exc), node=node, stack=state, action=action)
-        _point_current(stacks, p["venv_name"])
+        _point_current(stacks, p["venv_name"], p["link"])
         before = state
         state = _stack_state(p, venv)
         if state["status"] != "ok":

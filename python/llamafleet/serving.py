@@ -1,7 +1,8 @@
 """Serving a run from Python: ``serve``, ``serve_status``, ``serve_stop`` (``playbooks/serve.yml``).
 
 A run's LoRA adapter (or its merged export) is served with ``llamafactory-cli api`` (the huggingface
-backend; CPU included) from the run's own stack on the chosen nodes (default: the master, which holds
+backend; CPU included) from the run's own stack, or with ``vllm serve`` from the lock's vllm serving stack (a
+venv of its own: vLLM pins its own torch), on the chosen nodes (default: the master, which holds
 rank 0's adapter), detached like a training run, bound to each node's training address. A server is
 ready only when ``/v1/models`` lists the model and a real chat completion came back. Every request
 needs the API key: the one given, else ``$LLAMAFLEET_API_KEY``, else one made once per run and kept in
@@ -38,6 +39,7 @@ class Server:
     first_completion_s: float | None
     first_answer: str | None
     log_tail: tuple[str, ...]
+    backend: str | None = None  # api | vllm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,8 @@ class ServeResult:
                 lines.append(f"  {s.node}: {s.state}")
                 continue
             ready = f", ready in {s.ready_s:g} s" if s.ready_s is not None else ""
-            lines.append(f"  {s.node}: {s.endpoint} model {s.model_name} (pid {s.pid}{ready})")
+            via = f"{s.backend}, " if s.backend else ""
+            lines.append(f"  {s.node}: {s.endpoint} model {s.model_name} ({via}pid {s.pid}{ready})")
         running = [s for s in self.servers if s.state == "running" and s.endpoint]
         if running and self.api_key_file:
             s = running[0]
@@ -100,7 +103,7 @@ def _servers(run) -> tuple[Server, ...]:
             continue
         out.append(Server(host, s.get("state", "absent"), s.get("endpoint"), s.get("model_name"), s.get("pid"),
                           s.get("ready_s"), s.get("first_completion_s"), s.get("first_answer"),
-                          tuple(s.get("log_tail") or ())))
+                          tuple(s.get("log_tail") or ()), s.get("backend")))
     return tuple(out)
 
 
@@ -118,10 +121,13 @@ def _run(state: str, inventory, run_id: str, extravars, on_event=None, **setting
 
 def serve(inventory: str | os.PathLike, run_id: str, *, nodes: Sequence[str] | None = None, model: str = "adapter",
           host: str | None = None, port: int = 8000, name: str | None = None, api_key: str | None = None,
-          ready_timeout_s: int = 900, extravars: Mapping[str, Any] | None = None,
+          ready_timeout_s: int = 900, backend: str | None = None, tensor_parallel: int | None = None,
+          vllm_args: Sequence[str] | None = None, extravars: Mapping[str, Any] | None = None,
           on_event: Callable[[TaskEvent], None] | None = None) -> ServeResult:
     """Serve the run's adapter (``model="adapter"``) or merged export (``"export"``) on ``nodes`` (default: the
-    master); returns when every server answered a real completion, or with the reason it did not."""
+    master); returns when every server answered a real completion, or with the reason it did not.
+    ``backend``: auto (the role's default: vLLM on CUDA stacks whose lock has a vllm serving stack, else
+    ``llamafactory-cli api``), ``api`` or ``vllm`` (``tensor_parallel``, ``vllm_args`` for it)."""
     run_id = check_run_id(run_id, "run id")
     path = key_file(run_id, extravars, inventory)
     key = api_key or os.environ.get(KEY_ENV)
@@ -130,7 +136,8 @@ def serve(inventory: str | os.PathLike, run_id: str, *, nodes: Sequence[str] | N
     elif not path.is_file():
         _write_key(path, "lf-" + secrets.token_urlsafe(24))
     return _run("started", inventory, run_id, extravars, on_event, nodes=list(nodes or []), model=model, host=host,
-                port=port, name=name, api_key_file=str(path), ready_timeout_s=ready_timeout_s)
+                port=port, name=name, api_key_file=str(path), ready_timeout_s=ready_timeout_s, backend=backend,
+                tensor_parallel=tensor_parallel, vllm_args=list(vllm_args) if vllm_args else None)
 
 
 def serve_status(inventory: str | os.PathLike, run_id: str, *, nodes: Sequence[str] | None = None,

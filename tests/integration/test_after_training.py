@@ -119,6 +119,7 @@ def test_the_adapter_and_the_export_are_served_with_a_key_and_answer(testbed, tw
         node1 = next(n for n in testbed.nodes if n.name == "node1")
         assert server.node == "node1" and server.endpoint == f"http://{node1.ip}:18000/v1"
         assert server.first_answer is not None and server.model_name == trained.run_id
+        assert server.backend == "api"  # auto on a CPU stack
         key_file = Path(result.api_key_file)
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
         key = key_file.read_text().strip()
@@ -161,3 +162,11 @@ def test_a_run_without_an_adapter_is_not_served(two_nodes, trained, cli):
     proc = cli("serve", "no-such-run", "-i", str(two_nodes))
     assert proc.returncode == 1 and "run no-such-run is not on this node" in proc.stdout, proc.stdout + proc.stderr
     assert not _server_processes("no-such-run")
+
+
+def test_vllm_on_a_cpu_stack_is_one_message_naming_the_api_backend(two_nodes, trained, cli):
+    proc = cli("serve", trained.run_id, "-i", str(two_nodes), "--backend", "vllm")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert "no vllm serving stack for flavor cpu" in out and "--backend api" in out and "nothing was started" in out, out
+    assert not _server_processes(trained.run_id)

@@ -63,6 +63,31 @@ options:
     description: Seconds between TERM and KILL when stopping.
     type: int
     default: 10
+  backend:
+    description: C(api) (C(llamafactory-cli api), huggingface backend, from the run's stack) or C(vllm) (C(vllm serve)
+      from the serving venv C(venv), with C(--enable-lora), the adapter's rank rounded up to vLLM's allowed values and
+      tensor parallel over the node's GPUs; the key in C(VLLM_API_KEY)).
+    type: str
+    choices: [api, vllm]
+    default: api
+  venv:
+    description: With C(backend=vllm), the serving stack's venv on this node (provisioned with
+      C(llamafleet provision --serving vllm)).
+    type: path
+    default: ""
+  gpus:
+    description: The node's GPUs (C(llamafleet_gpus)); the tensor parallel size is at most this.
+    type: int
+    default: 1
+  tensor_parallel:
+    description: vLLM's tensor parallel size; 0 = the largest the model's heads and the node's GPUs allow.
+    type: int
+    default: 0
+  vllm_args:
+    description: More arguments for C(vllm serve) (e.g. C(--max-model-len=4096)); never the API key.
+    type: list
+    elements: str
+    default: []
 """
 
 EXAMPLES = r"""
@@ -93,7 +118,7 @@ import urllib.error
 import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
+from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor, vllm
 
 SERVER_VAR = "LLAMAFLEET_SERVER"
 UNSET = ("FORCE_TORCHRUN", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
@@ -226,18 +251,46 @@ def _check_port_free(module, p, host, bind):
         s.close()
 
 
-def _write_server_files(p, server_dir, spec, node_env, bind, name):
-    """api.yaml, serve.env (the run's environment without its rendezvous, plus the API's) and serve.sh."""
+def _write_server_files(p, server_dir, spec, node_env, bind, name, command):
+    """api.yaml, serve.env (the run's environment without its rendezvous, plus the server's and its key) and
+    serve.sh (``command``, every word quoted; the key is never in it)."""
     os.makedirs(server_dir, mode=0o700, exist_ok=True)
     os.chmod(server_dir, 0o700)  # serve.env holds the key
     supervisor.write(os.path.join(server_dir, "api.yaml"), json.dumps(spec, indent=1, sort_keys=True) + "\n")
     env_lines = [line for line in node_env.splitlines() if line.startswith("export ") and
                  line.split("=", 1)[0][7:] not in UNSET + ("LLAMAFLEET_RUN_ID",)]
-    env_lines += ["export API_HOST=%s" % shlex.quote(bind), "export API_PORT=%d" % p["port"],
-                  "export API_MODEL_NAME=%s" % shlex.quote(name), "export API_KEY=%s" % shlex.quote(p["api_key"])]
+    if p["backend"] == "vllm":
+        env_lines += ["export PATH=%s:\"$PATH\"" % shlex.quote(os.path.join(p["venv"], "bin")),
+                      "export VLLM_NO_USAGE_STATS=1", "export %s=%s" % (vllm.KEY_ENV, shlex.quote(p["api_key"]))]
+    else:
+        env_lines += ["export API_HOST=%s" % shlex.quote(bind), "export API_PORT=%d" % p["port"],
+                      "export API_MODEL_NAME=%s" % shlex.quote(name), "export API_KEY=%s" % shlex.quote(p["api_key"])]
     supervisor.write(os.path.join(server_dir, "serve.env"), "\n".join(env_lines) + "\n", 0o600)
-    script = "#!/bin/sh\ncd %s || exit 97\n. ./serve.env\nexec llamafactory-cli api api.yaml\n" % shlex.quote(server_dir)
+    script = "#!/bin/sh\ncd %s || exit 97\n. ./serve.env\nexec %s\n" % (
+        shlex.quote(server_dir), " ".join(shlex.quote(a) for a in command))
     supervisor.write(os.path.join(server_dir, "serve.sh"), script, 0o755)
+
+
+def _vllm_command(module, p, host, spec, bind, name):
+    """``vllm serve`` from the serving venv for this spec (the base with its adapter, or the export)."""
+    vbin = os.path.join(p["venv"], "bin", "vllm")
+    if not p["venv"] or not os.access(vbin, os.X_OK):
+        module.fail_json(msg="%s: no vLLM serving stack here (%s missing): provision it on the nodes that serve "
+                             "(llamafleet provision --serving vllm --limit %s), or serve with --backend api"
+                             % (host, vbin, host))
+    adapter = spec.get("adapter_name_or_path")
+    served = adapter or spec["model_name_or_path"]
+    r = None
+    if adapter:
+        r = (vllm.read_json(os.path.join(adapter, "adapter_config.json")) or {}).get("r")
+    heads, kv_heads = vllm.model_heads(spec["model_name_or_path"])
+    try:
+        return vllm.argv(vbin, model=spec["model_name_or_path"], name=name, host=bind, port=p["port"], gpus=p["gpus"],
+                         adapter=adapter, lora_r=r, heads=heads, kv_heads=kv_heads,
+                         tensor_parallel_size=p["tensor_parallel"], trust_remote_code=bool(spec.get("trust_remote_code")),
+                         tokenizer=served if vllm.has_chat_template(served) else None, extra=p["vllm_args"])
+    except vllm.VllmError as exc:
+        module.fail_json(msg="%s: run %s: %s" % (host, p["run_id"], exc))
 
 
 def _launch_server(server_dir, tag):
@@ -317,10 +370,12 @@ def _start(module, p, host, server_dir):
     bind = p["host"] or "127.0.0.1"
     _check_port_free(module, p, host, bind)
     name = p["name"] or tag
-    _write_server_files(p, server_dir, spec, node_env, bind, name)
+    command = _vllm_command(module, p, host, spec, bind, name) if p["backend"] == "vllm" else \
+        ["llamafactory-cli", "api", "api.yaml"]
+    _write_server_files(p, server_dir, spec, node_env, bind, name, command)
     proc = _launch_server(server_dir, tag)
     url = "http://%s:%d/v1" % (bind, p["port"])
-    info = {"endpoint": url, "model_name": name, "model": p["model"], "node": host, "pid": proc.pid,
+    info = {"endpoint": url, "model_name": name, "model": p["model"], "node": host, "pid": proc.pid, "backend": p["backend"],
             "started_at": time.time(), "serves": spec["model_name_or_path"], "adapter": spec.get("adapter_name_or_path")}
     supervisor.write(os.path.join(server_dir, "server.json"), json.dumps(info))
     # ready: the model is listed and a real completion comes back, both with the key
@@ -346,6 +401,11 @@ def main():
             api_key=dict(type="str", default="", no_log=True),
             ready_timeout_s=dict(type="int", default=900),
             grace_s=dict(type="int", default=10),
+            backend=dict(type="str", default="api", choices=["api", "vllm"]),
+            venv=dict(type="path", default=""),
+            gpus=dict(type="int", default=1),
+            tensor_parallel=dict(type="int", default=0),
+            vllm_args=dict(type="list", elements="str", default=[]),
         ),
         supports_check_mode=False,
     )

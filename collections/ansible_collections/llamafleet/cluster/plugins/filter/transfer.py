@@ -28,6 +28,15 @@ def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_ar
     src = src.rstrip("/") + "/"
     if hostvars.get("ansible_connection") == "local":
         return argv + [src, dest.rstrip("/") + "/"]
+    ssh, target = ssh_command(hostvars, ssh_args)
+    if pull:
+        return argv + ["-e", shlex.join(ssh), f"{target}:{src}", dest.rstrip("/") + "/"]
+    return argv + ["-e", shlex.join(ssh), src, f"{target}:{dest.rstrip('/')}/"]
+
+
+def ssh_command(hostvars, ssh_args=()):
+    """(ssh argv without the target, target): the node reached as Ansible reaches it (key, port, user, the
+    inventory's ssh options: its known_hosts, host keys checked)."""
     ssh = ["ssh", *ssh_args, "-o", "BatchMode=yes"]
     if hostvars.get("ansible_port"):
         ssh += ["-p", str(hostvars["ansible_port"])]
@@ -38,10 +47,7 @@ def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_ar
             ssh += shlex.split(str(hostvars[key]))
     user = hostvars.get("ansible_user")
     host = hostvars.get("ansible_host") or hostvars["inventory_hostname"]
-    target = f"{user}@{host}" if user else host
-    if pull:
-        return argv + ["-e", shlex.join(ssh), f"{target}:{src}", dest.rstrip("/") + "/"]
-    return argv + ["-e", shlex.join(ssh), src, f"{target}:{dest.rstrip('/')}/"]
+    return ssh, (f"{user}@{host}" if user else host)
 
 
 class FilterModule:

@@ -1,0 +1,379 @@
+# -*- coding: utf-8 -*-
+"""Node-to-node fan-out: every byte crosses the controller's uplink once.
+
+The controller streams the files one node misses into the first node of a chain (over SSH, through this
+script's ``pipe`` mode on that node); every node writes what it misses and passes the stream on to the next
+node over the training network at the same time (a pipelined chain: the whole cluster is filled in about the
+time of one copy). Each node runs one relay per transfer (``run`` mode), started by the fanout module:
+
+- it listens on the node's training address, on a port the kernel picked, and accepts only a peer that proves
+  it holds the transfer's secret (HMAC-SHA256 of a fresh nonce, compared in constant time); any other
+  connection is refused and counted. The secret is read and its file deleted when the relay starts; it
+  exits when the stream ends or at its deadline: nothing listens after the transfer;
+- a file is written to a hidden part file, its SHA-256 computed on the way, and renamed into place only when
+  it matches the controller's manifest: a file is there whole and verified, or not at all;
+- a successor that cannot be reached or breaks off is recorded (``forward_error``) and this node still
+  finishes; a predecessor that breaks off fails this node (``stream ended early``), and the nodes after it
+  see their stream end the same way: each names where it stopped.
+
+Stream: 4-byte big-endian length + JSON frames. First ``{"chain": [{"name","addr","port"},...]}`` (the nodes
+after the receiver), then per file ``{"path","size","sha256","to":[names]}`` + ``size`` raw bytes, then
+``{"end": true}``. Pure standard library: the same file is the relay on every node and the sender on the
+controller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+MAGIC = b"llamafleet-fanout/1\n"
+CHUNK = 1 << 20
+NONCE = 32
+STATUS = "status.json"
+CACHE = ".llamafleet-fanout.json"  # in the destination: size, mtime and sha256 of every verified file
+FINAL = ("done", "failed")
+
+
+class FanoutError(Exception):
+    pass
+
+
+def proof(secret, nonce):
+    return hmac.new(secret, MAGIC + nonce, hashlib.sha256).digest()
+
+
+class Conn:
+    """A byte stream over a socket, or over a pair of pipes (the controller's SSH to the first node)."""
+
+    def __init__(self, sock=None, rfile=None, wfile=None):
+        self.sock = sock
+        self.rfile = rfile if rfile is not None else sock.makefile("rb", buffering=CHUNK)
+        self.wfile = wfile
+
+    def read(self, n):
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.rfile.read(n - len(out))
+            if not chunk:
+                raise EOFError("the stream ended early")
+            out += chunk
+        return bytes(out)
+
+    def write(self, data):
+        if self.sock is not None:
+            self.sock.sendall(data)
+        else:
+            self.wfile.write(data)
+
+    def flush(self):
+        if self.wfile is not None:
+            self.wfile.flush()
+
+    def close(self):
+        try:
+            if self.sock is not None:
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.close()
+            elif self.wfile is not None:
+                self.wfile.close()
+        except OSError:
+            pass
+
+
+def send_frame(conn, obj):
+    data = json.dumps(obj, sort_keys=True).encode()
+    conn.write(struct.pack(">I", len(data)) + data)
+
+
+def read_frame(conn):
+    (n,) = struct.unpack(">I", conn.read(4))
+    if n > 16 << 20:
+        raise FanoutError("a frame of %d bytes: not a llamafleet fan-out stream" % n)
+    return json.loads(conn.read(n).decode())
+
+
+def client_handshake(conn, secret):
+    """Prove to the receiver that this peer holds the transfer's secret."""
+    nonce = conn.read(NONCE)
+    conn.write(proof(secret, nonce))
+    conn.flush()
+    if conn.read(2) != b"OK":
+        raise FanoutError("the receiver refused the transfer's credential")
+
+
+def server_handshake(conn, secret):
+    nonce = os.urandom(NONCE)
+    conn.write(nonce)
+    ok = hmac.compare_digest(conn.read(NONCE), proof(secret, nonce))
+    conn.write(b"OK" if ok else b"NO")
+    return ok
+
+
+def connect(addr, port, secret, timeout=30, idle=120):
+    """An authenticated connection to a node's relay; a peer silent for ``idle`` seconds breaks it."""
+    sock = socket.create_connection((addr, int(port)), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = Conn(sock)
+    client_handshake(conn, secret)
+    sock.settimeout(idle)
+    return conn
+
+
+def safe_path(dest, rel):
+    """``dest/rel`` when rel stays inside dest; a path that leaves it is refused."""
+    full = os.path.normpath(os.path.join(dest, rel))
+    if os.path.isabs(rel) or not full.startswith(os.path.normpath(dest) + os.sep):
+        raise FanoutError("the path %r leaves the destination" % rel)
+    return full
+
+
+def part_path(full):
+    return os.path.join(os.path.dirname(full), ".%s.fanout-part" % os.path.basename(full))
+
+
+def write_status(run_dir, status):
+    tmp = os.path.join(run_dir, STATUS + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(status, fh)
+    os.replace(tmp, os.path.join(run_dir, STATUS))
+
+
+class Relay:
+    """One node's receiver (and forwarder) of one transfer."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            self.cfg = json.load(fh)
+        secret_file = os.path.join(run_dir, "secret")
+        with open(secret_file, "rb") as fh:
+            self.secret = fh.read().strip()
+        os.unlink(secret_file)  # in memory only from here on
+        self.name = self.cfg["name"]
+        self.dest = self.cfg["dest"]
+        self.status = {"state": "listening", "node": self.name, "refused": 0, "written": [], "bad": [],
+                       "forward_error": None, "next": None, "bytes": 0, "pid": os.getpid(), "error": None}
+        self.nxt = None
+        self.last_write = 0.0
+        self.hashed = {}  # what this relay verified, for the node's hash cache (CACHE): not hashed twice
+        write_status(run_dir, self.status)
+
+    def save_hashes(self):
+        if not self.hashed:
+            return
+        path = os.path.join(self.dest, CACHE)
+        try:
+            with open(path) as fh:
+                cache = json.load(fh)
+        except (OSError, ValueError):
+            cache = {}
+        cache.update(self.hashed)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(cache, fh)
+        os.replace(path + ".tmp", path)
+
+    def accept(self, listener):
+        """The first peer that proves it holds the secret; others are refused and counted."""
+        deadline = time.time() + float(self.cfg.get("timeout_s") or 600)
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise FanoutError("no authenticated sender within %s s" % self.cfg.get("timeout_s"))
+            listener.settimeout(left)
+            try:
+                sock, _peer = listener.accept()
+            except socket.timeout:
+                continue
+            sock.settimeout(30)
+            conn = Conn(sock)
+            try:
+                if server_handshake(conn, self.secret):
+                    sock.settimeout(float(self.cfg.get("idle_s") or 120))
+                    return conn
+            except (OSError, EOFError):
+                pass
+            self.status["refused"] += 1
+            write_status(self.run_dir, self.status)
+            sock.close()
+
+    def _progress(self, n):
+        """Bytes through this node so far, in the status file about twice a second (progress, and the tests)."""
+        self.status["bytes"] += n
+        now = time.time()
+        if now - self.last_write >= 0.5:
+            self.last_write = now
+            write_status(self.run_dir, self.status)
+
+    def _forward(self, data):
+        if self.nxt is None:
+            return
+        try:
+            self.nxt.write(data)
+        except OSError as exc:
+            self.status["forward_error"] = "%s: the connection broke off (%s)" % (self.status["next"], exc)
+            self.nxt = None
+
+    def _open_next(self, chain):
+        if not chain:
+            return
+        first = chain[0]
+        self.status["next"] = first["name"]
+        try:
+            self.nxt = connect(first["addr"], first["port"], self.secret, idle=float(self.cfg.get("idle_s") or 120))
+            send_frame(self.nxt, {"chain": chain[1:]})
+        except (OSError, EOFError, FanoutError) as exc:
+            self.status["forward_error"] = "%s (%s:%s): cannot pass the stream on (%s)" % (
+                first["name"], first["addr"], first["port"], exc)
+            self.nxt = None
+
+    def _receive_file(self, conn, frame):
+        want = self.name in frame.get("to", ())
+        full = safe_path(self.dest, frame["path"])
+        part = part_path(full)
+        out = None
+        if want:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            out = open(part, "wb")
+        digest = hashlib.sha256()
+        left = int(frame["size"])
+        try:
+            while left:
+                chunk = conn.read(min(CHUNK, left))
+                left -= len(chunk)
+                self._forward(chunk)
+                if out is not None:
+                    out.write(chunk)
+                    digest.update(chunk)
+                self._progress(len(chunk))
+        except BaseException:
+            if out is not None:
+                out.close()
+                os.unlink(part)  # never a half-copied file, not even as a part
+            raise
+        if out is not None:
+            out.close()
+        if not want:
+            return
+        if digest.hexdigest() != frame["sha256"]:
+            os.unlink(part)
+            self.status["bad"].append(frame["path"])
+            return
+        os.replace(part, full)
+        st = os.stat(full)
+        self.hashed[frame["path"]] = [st.st_size, st.st_mtime_ns, frame["sha256"]]
+        self.status["written"].append(frame["path"])
+
+    def serve(self, conn):
+        self.status["state"] = "receiving"
+        write_status(self.run_dir, self.status)
+        self._open_next(read_frame(conn).get("chain") or [])
+        while True:
+            frame = read_frame(conn)
+            if frame.get("end"):
+                break
+            if self.nxt is not None:
+                try:
+                    send_frame(self.nxt, frame)
+                except OSError as exc:
+                    self.status["forward_error"] = "%s: the connection broke off (%s)" % (self.status["next"], exc)
+                    self.nxt = None
+            self._receive_file(conn, frame)
+        if self.nxt is not None:
+            try:
+                send_frame(self.nxt, {"end": True})
+                self.nxt.read(2)  # the successor's b"OK" once it has everything: the chain ends in order
+            except (OSError, EOFError) as exc:
+                self.status["forward_error"] = "%s: broke off at the end (%s)" % (self.status["next"], exc)
+            self.nxt.close()
+        conn.write(b"OK")
+        conn.close()
+
+
+def run(run_dir, fd):
+    relay = Relay(run_dir)
+    listener = socket.socket(fileno=fd)
+    try:
+        conn = relay.accept(listener)
+        listener.close()  # one sender per transfer: nothing listens once it is here
+        relay.serve(conn)
+        relay.status["state"] = "done"
+    except (OSError, EOFError, ValueError, FanoutError) as exc:
+        relay.status.update(state="failed", error=str(exc) or type(exc).__name__)
+        if relay.nxt is not None:
+            relay.nxt.close()  # the next node sees its stream end at once, not at its idle timeout
+    finally:
+        listener.close()
+        relay.save_hashes()
+        write_status(run_dir, relay.status)
+    return 0 if relay.status["state"] == "done" else 1
+
+
+def pipe(addr, port):
+    """On the first node: join the controller's SSH stdin/stdout to this node's relay, byte for byte."""
+    sock = socket.create_connection((addr, int(port)), timeout=30)
+    sock.settimeout(None)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def upstream():
+        while True:
+            data = stdin.read1(CHUNK) if hasattr(stdin, "read1") else stdin.read(CHUNK)
+            if not data:
+                break
+            sock.sendall(data)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=upstream, daemon=True)
+    t.start()
+    while True:
+        data = sock.recv(CHUNK)
+        if not data:
+            break
+        stdout.write(data)
+        stdout.flush()
+    t.join(timeout=5)
+    return 0
+
+
+def send(conn, secret, chain, files, src, on_progress=None):
+    """The controller's side: prove the credential, then stream ``files`` (manifest entries with ``to``) from
+    ``src`` into the first node; returns when the whole chain has acknowledged the end."""
+    client_handshake(conn, secret)
+    send_frame(conn, {"chain": chain})
+    sent = 0
+    for entry in files:
+        send_frame(conn, entry)
+        with open(os.path.join(src, entry["path"]), "rb") as fh:
+            left = int(entry["size"])
+            while left:
+                chunk = fh.read(min(CHUNK, left))
+                if not chunk:
+                    raise FanoutError("%s changed while it was sent" % entry["path"])
+                conn.write(chunk)
+                left -= len(chunk)
+                sent += len(chunk)
+        if on_progress:
+            on_progress(sent)
+    send_frame(conn, {"end": True})
+    conn.flush()
+    if conn.read(2) != b"OK":
+        raise FanoutError("the first node did not acknowledge the end")
+    return sent
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        sys.exit(run(sys.argv[2], int(sys.argv[3])))
+    if sys.argv[1] == "pipe":
+        sys.exit(pipe(sys.argv[2], sys.argv[3]))
+    sys.exit(2)

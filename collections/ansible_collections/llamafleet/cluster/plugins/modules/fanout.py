@@ -1,0 +1,281 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# One node's part of a node-to-node fan-out: say what it misses and start its relay, then wait and verify.
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: fanout
+short_description: Receive a fan-out transfer on this node and pass it on to the next node
+description:
+  - C(receive) compares C(dest) with the controller's C(manifest) (size and SHA-256; a file's hash is cached by
+    size and mtime in C(dest/.llamafleet-fanout.json)) and, when files are missing or differ, starts the
+    transfer's relay (module_utils/fanout.py) detached from the SSH session, listening on C(addr) on a port the
+    kernel picks, accepting only a peer that proves it holds C(secret). Returns the port and what is missing.
+  - C(wait) waits for the relay to finish, then verifies every file of the manifest in C(dest); the relay is
+    stopped if it still runs, and its directory (config, status) is removed. Fails naming this node and what
+    is missing, and where the stream stopped.
+version_added: "0.1.0"
+author: llamafleet developers
+options:
+  state:
+    description: What to do.
+    type: str
+    choices: [receive, wait]
+    required: true
+  root:
+    description: The node's llamafleet root (the relay's directory is C(<root>/fanout/<transfer_id>)).
+    type: path
+    required: true
+  transfer_id:
+    description: The transfer's id (the controller's).
+    type: str
+    required: true
+  dest:
+    description: The directory the files go to on this node.
+    type: path
+    required: true
+  manifest:
+    description: The controller's files, relative path to C(size) and C(sha256).
+    type: dict
+    default: {}
+  addr:
+    description: With C(receive), this node's training address, where the relay listens.
+    type: str
+    default: ""
+  secret:
+    description: With C(receive), the transfer's secret (written 0600 for the relay, which deletes it on start).
+    type: str
+    default: ""
+  timeout_s:
+    description: Seconds the relay waits for its sender, and C(wait) for the relay.
+    type: int
+    default: 900
+  node_name:
+    description: The node's inventory name, as the chain names it.
+    type: str
+    default: ""
+  abort:
+    description: With C(wait), stop the relay at once (the controller's stream broke off).
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+- name: Start the relay
+  llamafleet.cluster.fanout:
+    state: receive
+    root: /srv/llamafleet
+    transfer_id: "{{ plan.transfer_id }}"
+    dest: /srv/llamafleet/wheelhouse/stack-abc
+    manifest: "{{ plan.manifest }}"
+    addr: 10.0.0.12
+    secret: "{{ lookup('file', plan.secret_file) }}"
+"""
+
+RETURN = r"""
+missing:
+  description: The manifest's files this node lacks (C(receive)).
+  returned: always
+  type: list
+port:
+  description: The relay's port, or null when nothing is missing (C(receive)).
+  returned: always
+  type: int
+status:
+  description: The relay's final status (C(wait)).
+  returned: always
+  type: dict
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout
+
+CACHE = fanout.CACHE
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(fanout.CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _have(dest, manifest):
+    """The manifest's files present in dest with its size and hash (hashes cached by size and mtime)."""
+    cache_path = os.path.join(dest, CACHE)
+    try:
+        with open(cache_path) as fh:
+            cache = json.load(fh)
+    except (OSError, ValueError):
+        cache = {}
+    have, fresh = set(), {}
+    for rel, want in manifest.items():
+        full = os.path.join(dest, rel)
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if st.st_size != int(want["size"]):
+            continue
+        key = [st.st_size, st.st_mtime_ns]
+        entry = cache.get(rel)
+        digest = entry[2] if entry and entry[:2] == key else _sha256(full)
+        fresh[rel] = key + [digest]
+        if digest == want["sha256"]:
+            have.add(rel)
+    if os.path.isdir(dest):
+        tmp = cache_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(fresh, fh)
+        os.replace(tmp, cache_path)
+    return have
+
+
+def _drop_parts(dest):
+    """Part files of a relay that was killed: never left behind as half-copied files."""
+    for base, _dirs, files in os.walk(dest):
+        for name in files:
+            if name.endswith(".fanout-part"):
+                os.unlink(os.path.join(base, name))
+
+
+def _source():
+    loader = getattr(fanout, "__loader__", None)
+    source = loader.get_source(fanout.__name__) if loader is not None and hasattr(loader, "get_source") else None
+    if source:
+        return source
+    with open(fanout.__file__) as fh:
+        return fh.read()
+
+
+def _write(path, text, mode):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _receive(module, p, host, run_dir):
+    missing = sorted(set(p["manifest"]) - _have(p["dest"], p["manifest"]))
+    if not missing:
+        module.exit_json(changed=False, missing=[], port=None)
+    if not p["secret"]:
+        module.fail_json(msg="%s: no transfer secret: a relay never listens without one" % host)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's leftovers
+    os.makedirs(run_dir, mode=0o700)
+    os.makedirs(p["dest"], exist_ok=True)
+    _drop_parts(p["dest"])
+    _write(os.path.join(run_dir, "secret"), p["secret"], 0o600)
+    _write(os.path.join(run_dir, "config.json"), json.dumps({
+        "name": module.params["node_name"] or host, "dest": p["dest"], "timeout_s": p["timeout_s"]}), 0o600)
+    _write(os.path.join(run_dir, "fanout.py"), _source(), 0o644)
+    listener = socket.socket(socket.AF_INET6 if ":" in p["addr"] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((p["addr"], 0))
+    except OSError as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        module.fail_json(msg="%s: cannot listen on its training address %s (%s)" % (host, p["addr"], exc.strerror))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    with open(os.path.join(run_dir, "relay.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(run_dir, "fanout.py"), "run", run_dir,
+                                 str(listener.fileno())], pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir)
+    listener.close()
+    _write(os.path.join(run_dir, "pid"), str(proc.pid), 0o600)
+    module.exit_json(changed=True, missing=missing, port=port, pid=proc.pid, addr=p["addr"], node=host,
+                     relay=os.path.join(run_dir, "fanout.py"), python=sys.executable)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie of this session is not alive
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _status(run_dir):
+    try:
+        with open(os.path.join(run_dir, fanout.STATUS)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_relay(p, run_dir):
+    """The relay's final status; a relay still running at the deadline is killed."""
+    try:
+        with open(os.path.join(run_dir, "pid")) as fh:
+            pid = int(fh.read())
+    except (OSError, ValueError):
+        return _status(run_dir)
+    deadline = time.time() + (2 if p["abort"] else p["timeout_s"])
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    status = _status(run_dir)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        status = dict(status, state="failed", error="stopped: the controller's stream broke off" if p["abort"]
+                      else "still receiving after %d s" % p["timeout_s"])
+    if status.get("state") not in fanout.FINAL:
+        status = dict(status, state="failed", error=status.get("error") or "the relay exited without a result")
+    return status
+
+
+def _wait(module, p, host, run_dir):
+    status = _wait_relay(p, run_dir) if os.path.isdir(run_dir) else {}
+    shutil.rmtree(run_dir, ignore_errors=True)  # config and status gone with the relay: nothing is left
+    _drop_parts(p["dest"])
+    missing = sorted(set(p["manifest"]) - _have(p["dest"], p["manifest"]))
+    if missing:
+        why = status.get("error") or "no relay ran here"
+        module.fail_json(msg="%s: fan-out incomplete: %d of %d file(s) missing or not verified in %s (first: %s): %s"
+                             % (host, len(missing), len(p["manifest"]), p["dest"], missing[0], why),
+                         missing=missing, status=status)
+    module.exit_json(changed=bool(status.get("written")), missing=[], status=status)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", required=True, choices=["receive", "wait"]),
+            root=dict(type="path", required=True),
+            transfer_id=dict(type="str", required=True),
+            dest=dict(type="path", required=True),
+            manifest=dict(type="dict", default={}),
+            addr=dict(type="str", default=""),
+            secret=dict(type="str", default="", no_log=True),
+            timeout_s=dict(type="int", default=900),
+            node_name=dict(type="str", default=""),
+            abort=dict(type="bool", default=False),
+        ),
+        supports_check_mode=False,
+    )
+    p = module.params
+    host = p["node_name"] or socket.gethostname()
+    if not p["transfer_id"].replace("-", "").isalnum():
+        module.fail_json(msg="transfer_id %r: letters, digits and dashes only" % p["transfer_id"])
+    run_dir = os.path.join(p["root"], "fanout", p["transfer_id"])
+    if p["state"] == "receive":
+        _receive(module, p, host, run_dir)
+    _wait(module, p, host, run_dir)
+
+
+if __name__ == "__main__":
+    main()

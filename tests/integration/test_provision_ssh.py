@@ -151,3 +151,20 @@ def test_a_serving_stack_is_built_beside_the_training_one_only_on_the_nodes_that
     checked = check(path, lock_file=LIGHT_LOCK, serving="light", limit="node2")
     assert checked.ok and checked.parity.ok, checked.format()
     assert check(path, lock_file=LIGHT_LOCK).ok  # the training stack's parity over both nodes still holds
+
+
+def test_the_offline_wheelhouse_reaches_three_nodes_by_fan_out_and_they_install_from_it(testbed, inv):
+    path = inv(stack_fanout="always")
+    result = provision(path, lock_file=LIGHT_LOCK, offline=True)
+    assert result.ok, result.format()
+    assert [n.action for n in result.nodes] == ["built"] * 3
+    log = Path(result.log_path).read_text()
+    assert "Fan the wheelhouse out" in log or "Stream it into the first node" in log
+    for name in ("node1", "node2", "node3"):
+        wheelhouse = inv.root(name) / "wheelhouse" / STACK.venv_name
+        # the relay's verified hashes: these files came node to node, not by rsync from the controller
+        verified = json.loads((wheelhouse / ".llamafleet-fanout.json").read_text())
+        assert any(f.startswith("six-1.16.0") for f in verified), verified
+        assert not list((inv.root(name) / "fanout").glob("*"))  # no relay, config or secret left
+    again = provision(path, lock_file=LIGHT_LOCK, offline=True)
+    assert again.ok and again.changed == 0, again.format()  # nothing installs: nothing is sent

@@ -28,7 +28,7 @@ class ActionModule(ActionBase):
         dest = Path(args["state_dir"]) / "wheelhouse" / stack.venv_name
         result["path"] = str(dest)
         if (dest / MARKER).is_file():
-            result["changed"] = False
+            result.update(changed=False, bytes=_size(dest))
             return result
         dest.mkdir(parents=True, exist_ok=True)
         pip_args = list(args.get("pip_args") or stack.pip.args())
@@ -51,5 +51,10 @@ class ActionModule(ActionBase):
             result.update(failed=True, msg=msg)
             return result
         (dest / MARKER).write_text(stack.hash)
-        result["changed"] = True
+        result.update(changed=True, bytes=_size(dest))
         return result
+
+
+def _size(dest):
+    """The wheelhouse's bytes: what decides whether it goes node to node (stack_fanout)."""
+    return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())

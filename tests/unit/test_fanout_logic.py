@@ -1,0 +1,148 @@
+"""The fan-out's own logic: the manifest and its hash cache, the chain and what each node is sent, the relay's
+protocol over real loopback sockets (three relays chained in this process), paths that leave the destination,
+a bad hash, a wrong credential."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+
+import pytest
+
+from conftest import PROJECT
+from llamafleet import fanout
+from llamafleet.errors import LlamafleetError
+
+sys.path.insert(0, str(PROJECT / "collections"))
+from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout as protocol  # noqa: E402
+
+
+def _src(tmp_path):
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "a.bin").write_bytes(os.urandom(3 << 20))
+    (src / "data.json").write_text("[1, 2, 3]")
+    (src / ".llamafleet-fanout.json").write_text("{}")  # a node's own cache is never part of a manifest
+    return src
+
+
+def test_the_manifest_hashes_every_file_once_and_reuses_the_cache(tmp_path, monkeypatch):
+    src = _src(tmp_path)
+    cache = tmp_path / "cache.json"
+    first = fanout.manifest(src, cache)
+    assert set(first) == {"model/a.bin", "data.json"}
+    assert first["data.json"] == {"size": 9, "sha256": hashlib.sha256(b"[1, 2, 3]").hexdigest()}
+    monkeypatch.setattr(fanout, "_sha256", lambda p: pytest.fail(f"{p} hashed again"))
+    assert fanout.manifest(src, cache) == first  # size and mtime unchanged: from the cache
+    with pytest.raises(LlamafleetError, match="not a directory"):
+        fanout.manifest(tmp_path / "nope")
+
+
+def test_the_chain_holds_only_nodes_that_miss_something_and_each_file_names_who_wants_it():
+    files = {"a": {"size": 1, "sha256": "x"}, "b": {"size": 2, "sha256": "y"}}
+    nodes = [{"name": "n1", "addr": "10.0.0.1", "port": 1, "missing": ["a"]},
+             {"name": "n2", "addr": "10.0.0.2", "port": 2, "missing": []},
+             {"name": "n3", "addr": "10.0.0.3", "port": 3, "missing": ["a", "b"]}]
+    chain, entries = fanout.chain_and_files(nodes, files)
+    assert [c["name"] for c in chain] == ["n1", "n3"]
+    assert entries == [{"path": "a", "size": 1, "sha256": "x", "to": ["n1", "n3"]},
+                       {"path": "b", "size": 2, "sha256": "y", "to": ["n3"]}]
+
+
+@pytest.mark.parametrize("rel", ["../escape", "/etc/passwd", "a/../../b"])
+def test_a_path_that_leaves_the_destination_is_refused(tmp_path, rel):
+    with pytest.raises(protocol.FanoutError, match="leaves the destination"):
+        protocol.safe_path(str(tmp_path), rel)
+
+
+def _relay(tmp_path, name, secret=b"s3cret", timeout=20):
+    run_dir = tmp_path / f"relay-{name}"
+    run_dir.mkdir()
+    (run_dir / "secret").write_bytes(secret)
+    (run_dir / "config.json").write_text(json.dumps({"name": name, "dest": str(tmp_path / name), "timeout_s": timeout}))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("rc", protocol.run(str(run_dir), listener.detach())))
+    thread.start()
+    return {"name": name, "addr": "127.0.0.1", "port": port, "thread": thread, "dir": run_dir, "out": out}
+
+
+def _open(relay):
+    """A plain connection to the relay: ``protocol.send`` proves the credential itself (as over the SSH pipe)."""
+    return protocol.Conn(socket.create_connection((relay["addr"], relay["port"]), timeout=10))
+
+
+def _status(relay):
+    return json.loads((relay["dir"] / protocol.STATUS).read_text())
+
+
+def test_three_chained_relays_each_write_what_they_miss_and_pass_everything_on(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    relays = [_relay(tmp_path, n) for n in ("n1", "n2", "n3")]
+    nodes = [dict(r, missing=sorted(files)) for r in relays]
+    nodes[1]["missing"] = ["data.json"]  # n2 has the model already
+    chain, entries = fanout.chain_and_files(nodes, files)
+    conn = _open(relays[0])
+    sent = protocol.send(conn, b"s3cret", chain[1:], entries, str(src))
+    conn.close()
+    for r in relays:
+        r["thread"].join(10)
+        assert r["out"]["rc"] == 0 and _status(r)["state"] == "done"
+        assert not (r["dir"] / "secret").exists()  # read, then deleted
+    assert sent == sum(f["size"] for f in files.values())
+    assert (tmp_path / "n1" / "model" / "a.bin").read_bytes() == (src / "model" / "a.bin").read_bytes()
+    assert (tmp_path / "n3" / "data.json").read_text() == "[1, 2, 3]"
+    assert not (tmp_path / "n2" / "model").exists() and (tmp_path / "n2" / "data.json").is_file()
+    assert sorted(_status(relays[0])["written"]) == sorted(files) and _status(relays[1])["written"] == ["data.json"]
+    cache = json.loads((tmp_path / "n3" / protocol.CACHE).read_text())
+    assert {k: v[2] for k, v in cache.items()} == {k: f["sha256"] for k, f in files.items()}
+
+
+def test_a_file_whose_bytes_do_not_match_the_manifest_is_not_kept(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    files["data.json"] = dict(files["data.json"], sha256="0" * 64)
+    relay = _relay(tmp_path, "n1")
+    chain, entries = fanout.chain_and_files([dict(relay, missing=sorted(files))], files)
+    conn = _open(relay)
+    protocol.send(conn, b"s3cret", [], entries, str(src))
+    relay["thread"].join(10)
+    assert _status(relay)["bad"] == ["data.json"] and not (tmp_path / "n1" / "data.json").exists()
+    assert not list((tmp_path / "n1").glob(".*.fanout-part"))
+
+
+def test_a_wrong_credential_is_refused_and_counted_then_the_right_one_is_served(tmp_path):
+    relay = _relay(tmp_path, "n1")
+    with pytest.raises(protocol.FanoutError, match="refused the transfer's credential"):
+        protocol.connect(relay["addr"], relay["port"], b"a-guess")
+    conn = _open(relay)
+    protocol.send(conn, b"s3cret", [], [], str(tmp_path))
+    relay["thread"].join(10)
+    assert _status(relay)["refused"] == 1 and _status(relay)["state"] == "done"
+    with pytest.raises(OSError):  # one sender per transfer: nothing listens afterwards
+        socket.create_connection((relay["addr"], relay["port"]), timeout=2).close()
+
+
+def test_a_successor_that_cannot_be_reached_is_recorded_and_this_node_still_finishes(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    relay = _relay(tmp_path, "n1")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    gone = {"name": "n2", "addr": "127.0.0.1", "port": dead.getsockname()[1]}
+    dead.close()
+    _chain, entries = fanout.chain_and_files([dict(relay, missing=sorted(files))], files)
+    conn = _open(relay)
+    protocol.send(conn, b"s3cret", [gone], entries, str(src))
+    relay["thread"].join(10)
+    status = _status(relay)
+    assert status["state"] == "done" and sorted(status["written"]) == sorted(files)
+    assert status["forward_error"].startswith("n2 (127.0.0.1:") and "cannot pass the stream on" in status["forward_error"]

@@ -9,7 +9,6 @@ network. Only nodes that miss something are in the chain, in the inventory's ord
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -21,16 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LlamafleetError
+from .rules import sha256_file
 
-CHUNK = 1 << 20
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def manifest(src: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:

@@ -88,7 +88,6 @@ status:
   type: dict
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -99,17 +98,9 @@ import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout
+from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout, rules
 
 CACHE = fanout.CACHE
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(fanout.CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _have(dest, manifest):
@@ -131,7 +122,7 @@ def _have(dest, manifest):
             continue
         key = [st.st_size, st.st_mtime_ns]
         entry = cache.get(rel)
-        digest = entry[2] if entry and entry[:2] == key else _sha256(full)
+        digest = entry[2] if entry and entry[:2] == key else rules.sha256_file(full)
         fresh[rel] = key + [digest]
         if digest == want["sha256"]:
             have.add(rel)

@@ -25,6 +25,7 @@ CLI (state kept in DIR/testbed.json)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import yaml
@@ -216,6 +218,33 @@ class Testbed:
         if check and proc.returncode != 0:
             raise SSHError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
+
+    # -- faults ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def shaped(self, node: str | TestNode, rate: str):
+        """Traffic into ``node`` held to ``rate`` (e.g. "80mbit": tc tbf on its host-side veth) inside the block."""
+        veth = self._node(node).netns + "h"
+        subprocess.run(["tc", "qdisc", "add", "dev", veth, "root", "tbf", "rate", rate, "burst", "64kb", "latency",
+                        "400ms"], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], check=False)
+
+    def kill_relay_when_receiving(self, node: str | TestNode, root: pathlib.Path, stop: threading.Event) -> None:
+        """SIGKILL ``node``'s fan-out relay (under its llamafleet ``root``) once it has received bytes, or give up
+        when ``stop`` is set; for a thread beside a transfer."""
+        while not stop.is_set():
+            for status in (root / "fanout").glob("*/status.json"):
+                try:
+                    st = json.loads(status.read_text())
+                except ValueError:
+                    continue
+                if st.get("state") == "receiving" and st.get("bytes", 0) > 0:
+                    self.ssh(node, f"kill -9 {int(st['pid'])}", check=False)
+                    return
+            time.sleep(0.02)
 
     # -- inventory -------------------------------------------------------------------------
 

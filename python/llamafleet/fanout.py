@@ -29,7 +29,7 @@ def _sha256(path: Path) -> str:
 
 
 def manifest(src: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """Every regular file under ``src`` (hidden fan-out files excluded): relative path -> size and sha256."""
+    """Every regular file under ``src`` (a relay's part files excluded): relative path -> size and sha256."""
     root = Path(src)
     if not root.is_dir():
         raise LlamafleetError(f"{root}: not a directory; nothing to fan out")
@@ -42,7 +42,7 @@ def manifest(src: str | os.PathLike, cache_file: str | os.PathLike | None = None
     out, fresh = {}, {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith(".llamafleet-fanout") or path.name.endswith(".fanout-part"):
+        if path.name.endswith(".fanout-part"):
             continue
         st = path.stat()
         key = [st.st_size, st.st_mtime_ns]
@@ -54,6 +54,15 @@ def manifest(src: str | os.PathLike, cache_file: str | os.PathLike | None = None
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps(fresh))
     return out
+
+
+def sized(src: str | os.PathLike, hashes: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """A manifest from hashes computed already (relative path -> sha256, e.g. a training plan's): sizes added."""
+    root = Path(src)
+    try:
+        return {rel: {"size": (root / rel).stat().st_size, "sha256": digest} for rel, digest in sorted(hashes.items())}
+    except OSError as exc:
+        raise LlamafleetError(f"{exc.filename}: listed in the manifest but not readable ({exc.strerror})") from None
 
 
 def new_transfer(state_dir: str | os.PathLike) -> tuple[str, str]:

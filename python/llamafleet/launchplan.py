@@ -98,6 +98,9 @@ class LaunchPlan:
     # memory per GPU, estimated (fit.for_plan): {"inputs", "estimate"}, {"skipped": why}, or {} on a CPU stack;
     # ``arguments`` carries it too, so that the launch judgement checks it against every node's GPU memory
     fit: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # bytes of the staged inputs (what a sync moves to a node that has none of them): the sync picks rsync per
+    # node or the node-to-node fan-out by it (train_fanout, train_fanout_min_mb)
+    inputs_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,7 +116,9 @@ class LaunchPlan:
             f"  samples {p['train_samples'] if p['train_samples'] is not None else '?'}, steps per epoch "
             f"{p['steps_per_epoch'] if p['steps_per_epoch'] is not None else '?'}, total steps "
             f"{p['total_steps'] if p['total_steps'] is not None else '?'}",
-            f"  inputs: {len(self.manifest)} files, " + ("verified in place (shared filesystem)" if self.shared_inputs
+            f"  inputs: {len(self.manifest)} files"
+            + ("" if self.shared_inputs else f" ({self.inputs_bytes / 1e6:.1f} MB)") + ", "
+            + ("verified in place (shared filesystem)" if self.shared_inputs
                                                         else "synced to <root>/inputs/" + self.job)
             + f"; relative paths from {self.workdir}",
         ]
@@ -482,4 +487,5 @@ def make_plan(config: str | os.PathLike, cluster: Cluster, stack: Stack, *, stat
                       workdir=cfg.workdir, model=model, inputs=tuple(_inputs(cfg, pinned, shared_inputs, shared_output)),
                       hub=tuple(pinned.items()), hub_endpoint=pinned.endpoint,
                       arguments={**arguments, "fit": fit_estimate}, fit=fit_estimate,
-                      shared_output_dir=shared_output, output_token=secrets.token_hex(16) if shared_output else "")
+                      shared_output_dir=shared_output, output_token=secrets.token_hex(16) if shared_output else "",
+                      inputs_bytes=sum((Path(stage_dir) / rel).stat().st_size for rel in manifest) if stage_dir else 0)

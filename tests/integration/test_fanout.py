@@ -92,34 +92,18 @@ def test_every_node_gets_the_controllers_manifest_and_a_rerun_moves_only_what_is
     assert third.ok and next(iter(third.results["fanout_send"].values()))["bytes"] == 0
 
 
-def _kill_relay_when_receiving(tb: Testbed, node: str, root: Path, stop: threading.Event) -> None:
-    while not stop.is_set():
-        for status in (root / "fanout").glob("*/status.json"):
-            try:
-                st = json.loads(status.read_text())
-            except ValueError:
-                continue
-            if st.get("state") == "receiving" and st.get("bytes", 0) > 0:
-                tb.ssh(node, f"kill -9 {int(st['pid'])}", check=False)
-                return
-        time.sleep(0.02)
-
-
 def test_a_node_killed_mid_transfer_is_named_and_no_half_copied_file_is_left(four, inv, tmp_path):
     src = _payload(tmp_path)
-    veth = next(n.netns for n in four.nodes if n.name == "node1") + "h"
-    # node1 receives at 80 Mbit/s: the transfer lasts a few seconds, long enough to kill node3's relay in it
-    subprocess.run(["tc", "qdisc", "add", "dev", veth, "root", "tbf", "rate", "80mbit", "burst", "64kb", "latency",
-                    "400ms"], check=True)
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_relay_when_receiving, args=(four, "node3", tmp_path / "roots" / "node3", stop))
+    killer = threading.Thread(target=four.kill_relay_when_receiving, args=("node3", tmp_path / "roots" / "node3", stop))
     killer.start()
+    # node1 receives at 80 Mbit/s: the transfer lasts a few seconds, long enough to kill node3's relay in it
     try:
-        result = fanout.push(inv, src, DEST)
+        with four.shaped("node1", "80mbit"):
+            result = fanout.push(inv, src, DEST)
     finally:
         stop.set()
         killer.join()
-        subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], check=False)
     text = "\n".join(result.failure_messages())
     assert not result.ok
     assert "node3: fan-out incomplete" in text, text

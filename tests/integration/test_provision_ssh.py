@@ -162,9 +162,9 @@ def test_the_offline_wheelhouse_reaches_three_nodes_by_fan_out_and_they_install_
     assert "Fan the wheelhouse out" in log or "Stream it into the first node" in log
     for name in ("node1", "node2", "node3"):
         wheelhouse = inv.root(name) / "wheelhouse" / STACK.venv_name
-        # the relay's verified hashes: these files came node to node, not by rsync from the controller
-        verified = json.loads((wheelhouse / ".llamafleet-fanout.json").read_text())
-        assert any(f.startswith("six-1.16.0") for f in verified), verified
+        # the relay's verified hashes, recorded in the node's hash cache: these files came node to node
+        verified = json.loads((inv.root(name) / "cache" / "sha256.json").read_text())
+        assert any(f.startswith(str(wheelhouse / "six-1.16.0")) for f in verified), verified
         assert not list((inv.root(name) / "fanout").glob("*"))  # no relay, config or secret left
     again = provision(path, lock_file=LIGHT_LOCK, offline=True)
     assert again.ok and again.changed == 0, again.format()  # nothing installs: nothing is sent

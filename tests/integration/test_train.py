@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -241,3 +243,55 @@ def test_accelerate_launcher_trains_across_two_nodes_in_one_world(two_nodes, job
     logs = {n: Path(result.outputs[f"log {n}"]).read_text() for n in ("node1", "node2")}
     assert "world size: 2" in logs["node1"] and "world size: 2" in logs["node2"], logs["node2"][-3000:]
     assert (Path(result.outputs["adapter"]) / "adapter_model.safetensors").is_file()
+
+
+def test_large_inputs_go_node_to_node_and_a_node_killed_in_the_fan_out_starts_nothing(testbed, default_stack, job):
+    """train_fanout auto: inputs of 20 MB or more that two nodes or more lack cross the controller's uplink once and
+    go node to node (roles/fanout). node3's relay killed mid-stream: named, no rank starts anywhere, no part file or
+    relay is left. The re-run sends only what node3 lacks, removes a stray file on node2, and starts all three."""
+    from llamafleet.runner import run_playbook
+
+    inv3, roots = default_stack
+    fat = job / "model-fat"  # the tiny model with a 24 MB file beside it: a model worth fanning out
+    shutil.copytree(job / "model", fat, dirs_exist_ok=True)
+    (fat / "padding.bin").write_bytes(os.urandom(24 << 20))
+    cfg = variant(job, "fanned", model_name_or_path="examples/tiny/model-fat", max_steps=400)
+    ev = {"train_config": str(cfg), "train_follow": False, "train_workdir": str(job.parents[1]),
+          "train_fanout_min_mb": 20}
+    stop_killer = threading.Event()
+    killer = threading.Thread(target=testbed.kill_relay_when_receiving, args=("node3", roots / "node3", stop_killer))
+    killer.start()
+    try:
+        with testbed.shaped("node1", "40mbit"):  # node1 receives at 40 Mbit/s: the stream lasts a few seconds
+            broken = run_playbook("train.yml", inv3, verb="train", extravars=ev)
+    finally:
+        stop_killer.set()
+        killer.join()
+    text = "\n".join(broken.failure_messages())
+    assert not broken.ok and "node3: fan-out incomplete" in text, text
+    plan = next(iter(broken.results["train_plan"].values()))["plan"]
+    assert not run_processes(plan["run_id"])
+    assert not broken.results.get("sync")  # no rsync from the controller: the fan-out carried the inputs
+    for n in ("node1", "node2", "node3"):
+        assert not list((roots / n / "inputs" / "fanned").rglob("*.fanout-part")), n
+        assert not list((roots / n / "fanout").glob("*")), n  # no relay, config or secret left
+    stray = roots / "node2" / "inputs" / "fanned" / "stray.txt"
+    stray.write_text("not an input")
+    again = run_playbook("train.yml", inv3, verb="train", extravars=ev)
+    run_id = (next(iter((again.results.get("train_plan") or {}).values()), {}).get("plan") or {}).get("run_id")
+    try:
+        assert again.ok, again.failure_messages()
+        sent = next(iter(again.results["fanout_send"].values()))
+        assert sent["chain"] == ["node3"], sent  # node1 and node2 finished the first time; node2 only lost a stray
+        assert not stray.exists()
+        manifest = next(iter(again.results["train_plan"].values()))["plan"]["manifest"]
+        for n in ("node1", "node2", "node3"):
+            base = roots / n / "inputs" / "fanned"
+            assert {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()} == set(manifest), n
+            assert hashlib.sha256((base / "model" / "padding.bin").read_bytes()).hexdigest() \
+                == manifest["model/padding.bin"], n
+        assert {n.name for n in status(inv3, run_id).nodes if n.state in ("running", "exited")} \
+            == {"node1", "node2", "node3"}
+    finally:
+        if run_id:
+            stop(inv3, run_id)

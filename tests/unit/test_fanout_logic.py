@@ -26,7 +26,7 @@ def _src(tmp_path):
     (src / "model").mkdir(parents=True)
     (src / "model" / "a.bin").write_bytes(os.urandom(3 << 20))
     (src / "data.json").write_text("[1, 2, 3]")
-    (src / ".llamafleet-fanout.json").write_text("{}")  # a node's own cache is never part of a manifest
+    (src / "model" / ".b.bin.fanout-part").write_bytes(b"half")  # a killed relay's part file is never in a manifest
     return src
 
 
@@ -102,8 +102,8 @@ def test_three_chained_relays_each_write_what_they_miss_and_pass_everything_on(t
     assert (tmp_path / "n3" / "data.json").read_text() == "[1, 2, 3]"
     assert not (tmp_path / "n2" / "model").exists() and (tmp_path / "n2" / "data.json").is_file()
     assert sorted(_status(relays[0])["written"]) == sorted(files) and _status(relays[1])["written"] == ["data.json"]
-    cache = json.loads((tmp_path / "n3" / protocol.CACHE).read_text())
-    assert {k: v[2] for k, v in cache.items()} == {k: f["sha256"] for k, f in files.items()}
+    hashed = _status(relays[2])["hashed"]  # what the fanout module records in the node's hash cache
+    assert {k: v[2] for k, v in hashed.items()} == {k: f["sha256"] for k, f in files.items()}
 
 
 def test_a_file_whose_bytes_do_not_match_the_manifest_is_not_kept(tmp_path):

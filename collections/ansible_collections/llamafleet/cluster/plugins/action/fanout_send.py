@@ -36,8 +36,11 @@ class ActionModule(ActionBase):
     @staticmethod
     def _plan(result, args):
         state = args["state_dir"]
-        files = fanout.manifest(args["src"], os.path.join(state, "cache", "fanout-manifest-%s.json"
-                                                        % os.path.basename(os.path.normpath(args["src"]))))
+        if args.get("hashes"):  # hashed already (the training plan's manifest): only the sizes are read
+            files = fanout.sized(args["src"], args["hashes"])
+        else:
+            files = fanout.manifest(args["src"], os.path.join(state, "cache", "fanout-manifest-%s.json"
+                                                            % os.path.basename(os.path.normpath(args["src"]))))
         tid, secret_file = fanout.new_transfer(state)
         result.update(changed=False, transfer_id=tid, secret_file=secret_file, manifest=files,
                       bytes=sum(f["size"] for f in files.values()), files=len(files))

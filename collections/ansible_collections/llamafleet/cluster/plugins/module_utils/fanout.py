@@ -38,7 +38,6 @@ MAGIC = b"llamafleet-fanout/1\n"
 CHUNK = 1 << 20
 NONCE = 32
 STATUS = "status.json"
-CACHE = ".llamafleet-fanout.json"  # in the destination: size, mtime and sha256 of every verified file
 FINAL = ("done", "failed")
 
 
@@ -160,25 +159,13 @@ class Relay:
         self.name = self.cfg["name"]
         self.dest = self.cfg["dest"]
         self.status = {"state": "listening", "node": self.name, "refused": 0, "written": [], "bad": [],
-                       "forward_error": None, "next": None, "bytes": 0, "pid": os.getpid(), "error": None}
+                       "forward_error": None, "next": None, "bytes": 0, "pid": os.getpid(), "error": None,
+                       # path -> [size, mtime_ns, sha256] of what this relay verified: the fanout module records
+                       # them in the node's hash cache, so nothing it wrote is read again to be verified
+                       "hashed": {}}
         self.nxt = None
         self.last_write = 0.0
-        self.hashed = {}  # what this relay verified, for the node's hash cache (CACHE): not hashed twice
         write_status(run_dir, self.status)
-
-    def save_hashes(self):
-        if not self.hashed:
-            return
-        path = os.path.join(self.dest, CACHE)
-        try:
-            with open(path) as fh:
-                cache = json.load(fh)
-        except (OSError, ValueError):
-            cache = {}
-        cache.update(self.hashed)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(cache, fh)
-        os.replace(path + ".tmp", path)
 
     def accept(self, listener):
         """The first peer that proves it holds the secret; others are refused and counted."""
@@ -268,7 +255,7 @@ class Relay:
             return
         os.replace(part, full)
         st = os.stat(full)
-        self.hashed[frame["path"]] = [st.st_size, st.st_mtime_ns, frame["sha256"]]
+        self.status["hashed"][frame["path"]] = [st.st_size, st.st_mtime_ns, frame["sha256"]]
         self.status["written"].append(frame["path"])
 
     def serve(self, conn):
@@ -311,7 +298,6 @@ def run(run_dir, fd):
             relay.nxt.close()  # the next node sees its stream end at once, not at its idle timeout
     finally:
         listener.close()
-        relay.save_hashes()
         write_status(run_dir, relay.status)
     return 0 if relay.status["state"] == "done" else 1
 

@@ -80,3 +80,53 @@ def sha256_file(path, limit=None):
             if left is not None:
                 left -= len(chunk)
     return h.hexdigest()
+
+
+# A node's one cache of file hashes (<root>/cache/sha256.json): the input check and the fan-out both read and
+# fill it, so a file verified once is not read again until its size or mtime changes.
+NODE_HASH_CACHE = os.path.join("cache", "sha256.json")
+
+
+class HashCache(object):
+    """sha256 of files by absolute path, cached by size and mtime (``[size, mtime_ns, sha256]`` per path)."""
+
+    def __init__(self, root):
+        self.path = os.path.join(root, NODE_HASH_CACHE)
+        try:
+            with open(self.path) as fh:
+                self.data = json.load(fh)
+        except (OSError, ValueError):
+            self.data = {}
+        if not isinstance(self.data, dict):
+            self.data = {}
+        self.dirty = False
+
+    def sha256(self, path, st=None):
+        """The file's sha256: from the cache when its size and mtime are those recorded, else read (and recorded)."""
+        st = st or os.stat(path)
+        hit = self.data.get(path)
+        if isinstance(hit, list) and len(hit) == 3 and hit[:2] == [st.st_size, st.st_mtime_ns]:
+            return hit[2]
+        digest = sha256_file(path)
+        self.record(path, digest, st)
+        return digest
+
+    def record(self, path, digest, st=None):
+        """Record a hash already verified (e.g. computed while the file was received)."""
+        st = st or os.stat(path)
+        self.data[path] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+
+    def save(self):
+        """Write the cache when it changed, without the entries of files that are gone; never fails the caller."""
+        if not self.dirty:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = "%s.%d.tmp" % (self.path, os.getpid())
+            with open(tmp, "w") as fh:
+                json.dump(dict((k, v) for k, v in self.data.items() if os.path.exists(k)), fh)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            pass

@@ -9,7 +9,8 @@ module: fanout
 short_description: Receive a fan-out transfer on this node and pass it on to the next node
 description:
   - C(receive) compares C(dest) with the controller's C(manifest) (size and SHA-256; a file's hash is cached by
-    size and mtime in C(dest/.llamafleet-fanout.json)) and, when files are missing or differ, starts the
+    size and mtime in the node's hash cache, C(<root>/cache/sha256.json), which the input check shares) and, when
+    files are missing or differ, starts the
     transfer's relay (module_utils/fanout.py) detached from the SSH session, listening on C(addr) on a port the
     kernel picks, accepting only a peer that proves it holds C(secret). Returns the port and what is missing.
   - C(wait) waits for the relay to finish, then verifies every file of the manifest in C(dest); the relay is
@@ -59,6 +60,11 @@ options:
     description: With C(wait), stop the relay at once (the controller's stream broke off).
     type: bool
     default: false
+  prune:
+    description: With C(receive), first remove the files in C(dest) that the manifest does not list (a run's inputs
+      directory holds exactly the run's inputs, as a sync with C(--delete) leaves it).
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -100,38 +106,33 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout, rules
 
-CACHE = fanout.CACHE
-
-
-def _have(dest, manifest):
-    """The manifest's files present in dest with its size and hash (hashes cached by size and mtime)."""
-    cache_path = os.path.join(dest, CACHE)
-    try:
-        with open(cache_path) as fh:
-            cache = json.load(fh)
-    except (OSError, ValueError):
-        cache = {}
-    have, fresh = set(), {}
+def _have(root, dest, manifest):
+    """The manifest's files present in dest with its size and hash (from the node's hash cache, rules.HashCache)."""
+    cache = rules.HashCache(root)
+    have = set()
     for rel, want in manifest.items():
         full = os.path.join(dest, rel)
         try:
             st = os.stat(full)
         except OSError:
             continue
-        if st.st_size != int(want["size"]):
-            continue
-        key = [st.st_size, st.st_mtime_ns]
-        entry = cache.get(rel)
-        digest = entry[2] if entry and entry[:2] == key else rules.sha256_file(full)
-        fresh[rel] = key + [digest]
-        if digest == want["sha256"]:
+        if st.st_size == int(want["size"]) and cache.sha256(full, st) == want["sha256"]:
             have.add(rel)
-    if os.path.isdir(dest):
-        tmp = cache_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(fresh, fh)
-        os.replace(tmp, cache_path)
+    cache.save()
     return have
+
+
+def _prune(dest, manifest):
+    """Files in dest the manifest does not list (an earlier run's inputs): removed, as a sync with --delete does."""
+    gone = []
+    for base, _dirs, files in os.walk(dest):
+        for name in files:
+            full = os.path.join(base, name)
+            rel = os.path.relpath(full, dest)
+            if rel not in manifest:
+                os.unlink(full)
+                gone.append(rel)
+    return sorted(gone)
 
 
 def _drop_parts(dest):
@@ -158,9 +159,10 @@ def _write(path, text, mode):
 
 
 def _receive(module, p, host, run_dir):
-    missing = sorted(set(p["manifest"]) - _have(p["dest"], p["manifest"]))
+    pruned = _prune(p["dest"], p["manifest"]) if p["prune"] and os.path.isdir(p["dest"]) else []
+    missing = sorted(set(p["manifest"]) - _have(p["root"], p["dest"], p["manifest"]))
     if not missing:
-        module.exit_json(changed=False, missing=[], port=None)
+        module.exit_json(changed=bool(pruned), missing=[], port=None, pruned=pruned)
     if not p["secret"]:
         module.fail_json(msg="%s: no transfer secret: a relay never listens without one" % host)
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's leftovers
@@ -185,7 +187,7 @@ def _receive(module, p, host, run_dir):
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir)
     listener.close()
     _write(os.path.join(run_dir, "pid"), str(proc.pid), 0o600)
-    module.exit_json(changed=True, missing=missing, port=port, pid=proc.pid, addr=p["addr"], node=host,
+    module.exit_json(changed=True, missing=missing, port=port, pid=proc.pid, addr=p["addr"], node=host, pruned=pruned,
                      relay=os.path.join(run_dir, "fanout.py"), python=sys.executable)
 
 
@@ -233,7 +235,18 @@ def _wait(module, p, host, run_dir):
     status = _wait_relay(p, run_dir) if os.path.isdir(run_dir) else {}
     shutil.rmtree(run_dir, ignore_errors=True)  # config and status gone with the relay: nothing is left
     _drop_parts(p["dest"])
-    missing = sorted(set(p["manifest"]) - _have(p["dest"], p["manifest"]))
+    cache = rules.HashCache(p["root"])
+    for rel, (size, mtime_ns, digest) in (status.get("hashed") or {}).items():
+        full = os.path.join(p["dest"], rel)
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if [st.st_size, st.st_mtime_ns] == [size, mtime_ns]:  # verified by the relay as it arrived, untouched since
+            cache.record(full, digest, st)
+    cache.save()
+    status.pop("hashed", None)
+    missing = sorted(set(p["manifest"]) - _have(p["root"], p["dest"], p["manifest"]))
     if missing:
         why = status.get("error") or "no relay ran here"
         module.fail_json(msg="%s: fan-out incomplete: %d of %d file(s) missing or not verified in %s (first: %s): %s"
@@ -255,6 +268,7 @@ def main():
             timeout_s=dict(type="int", default=900),
             node_name=dict(type="str", default=""),
             abort=dict(type="bool", default=False),
+            prune=dict(type="bool", default=False),
         ),
         supports_check_mode=False,
     )

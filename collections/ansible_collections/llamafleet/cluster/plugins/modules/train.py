@@ -234,7 +234,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import nccl_interfaces, node_facts
-from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import sha256_file
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import HashCache
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 ACTIVE = "active"
@@ -327,15 +327,9 @@ def _stop(root, run_id, grace):
 def _check_inputs(p, extras=False):
     """Input files that differ from the controller's manifest (missing, other content), as "path (why)";
     with ``extras``, also files in the inputs directory the manifest does not list (a sync deletes them).
-    A file's sha256 is cached by size and mtime, so an unchanged input is not read again."""
+    A file's sha256 comes from the node's hash cache (``rules.HashCache``): an unchanged input is not read again."""
     base = p["inputs_dir"]
-    # beside the inputs, not among them: a sync with --delete would remove it
-    cache_path = os.path.join(p["root"], "cache", "inputs-sha256.json")
-    try:
-        cache = json.loads(_read(cache_path, "{}") or "{}")
-    except ValueError:
-        cache = {}
-    fresh = {}
+    cache = HashCache(p["root"])
     bad = []
     for rel, want in sorted(p["manifest"].items()):
         path = os.path.join(base, rel)
@@ -344,10 +338,7 @@ def _check_inputs(p, extras=False):
         except OSError:
             bad.append("%s (missing)" % rel)
             continue
-        key = "%d:%d" % (st.st_size, st.st_mtime_ns)
-        got = cache.get(path, {}).get(key) or sha256_file(path)
-        fresh[path] = {key: got}
-        if got != want:
+        if cache.sha256(path, st) != want:
             bad.append("%s (sha256 differs)" % rel)
     if extras and os.path.isdir(base):
         for top, _dirs, names in os.walk(base):
@@ -355,13 +346,7 @@ def _check_inputs(p, extras=False):
                 rel = os.path.relpath(os.path.join(top, name), base)
                 if rel not in p["manifest"]:
                     bad.append("%s (not an input of this run)" % rel)
-    if fresh and any(cache.get(k) != v for k, v in fresh.items()):
-        try:
-            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            cache.update(fresh)
-            _write(cache_path, json.dumps({k: v for k, v in cache.items() if os.path.exists(k)}))
-        except OSError:
-            pass
+    cache.save()
     return bad
 
 

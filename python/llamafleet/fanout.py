@@ -75,6 +75,24 @@ def new_transfer(state_dir: str | os.PathLike) -> tuple[str, str]:
     return tid, str(path)
 
 
+def receivers(hostvars: Mapping[str, Any], hosts: Sequence[str], register: str) -> list[dict[str, Any]]:
+    """The nodes of ``hosts`` (in order) whose receive (registered as ``register``) started a relay."""
+    out = []
+    for host in hosts:
+        res = (hostvars.get(host) or {}).get(register) or {}
+        if res.get("port"):
+            out.append({"name": host, "addr": res["addr"], "port": res["port"], "missing": res["missing"],
+                        "relay": res["relay"], "python": res["python"]})
+    return out
+
+
+def route(hostvars: Mapping[str, Any], manifest: Mapping[str, Mapping[str, Any]], hosts: Sequence[str],
+          register: str) -> dict[str, Any]:
+    """What a sending node streams (the fanout module's ``route``): the chain and the files some node misses."""
+    chain, entries = chain_and_files(receivers(hostvars, hosts, register), manifest)
+    return {"chain": chain, "entries": entries}
+
+
 def chain_and_files(nodes: Sequence[Mapping[str, Any]], files: Mapping[str, Mapping[str, Any]]):
     """The chain (nodes that miss something, in order) and the stream's file entries (what some node misses,
     each with the nodes that want it)."""

@@ -16,6 +16,7 @@ import yaml
 
 from conftest import run_processes, variant
 from llamafleet import status, stop, train
+from llamafleet.training import run_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -185,7 +186,11 @@ def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job,
     resumed = train(two_nodes, variant(job, "resumable", max_steps=done[-1] + 2, save_steps=2), workdir=job.parents[1], run_id=run_id,
                     follow_run=True, poll_s=3)
     # llamafleet's part: rank 0's last complete checkpoint reached the worker, every node resumes from it
-    assert (roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors").exists()
+    adapter = roots / "node2" / "runs" / run_id / "output" / last / "adapter_model.safetensors"
+    assert adapter.exists()
+    # node to node (the master's relay stream, recorded as verified in the worker's hash cache), not via the controller
+    assert str(adapter) in json.loads((roots / "node2" / "cache" / "sha256.json").read_text())
+    assert not (Path(run_dir(run_id, None, two_nodes)) / "resume").exists()  # no copy staged on the controller
     for node in ("node1", "node2"):
         node_yaml = (roots / node / "runs" / run_id / "train.yaml").read_text()
         assert f"resume_from_checkpoint: \"{roots / node / 'runs' / run_id / 'output' / last}\"" in node_yaml
@@ -272,6 +277,7 @@ def test_large_inputs_go_node_to_node_and_a_node_killed_in_the_fan_out_starts_no
     plan = next(iter(broken.results["train_plan"].values()))["plan"]
     assert not run_processes(plan["run_id"])
     assert not broken.results.get("sync")  # no rsync from the controller: the fan-out carried the inputs
+    assert not list((Path(run_dir(plan["run_id"], None, inv3)).parents[1] / "fanout").glob("*.key"))  # secret gone
     for n in ("node1", "node2", "node3"):
         assert not list((roots / n / "inputs" / "fanned").rglob("*.fanout-part")), n
         assert not list((roots / n / "fanout").glob("*")), n  # no relay, config or secret left

@@ -32,12 +32,20 @@ def test_only_nodes_whose_inputs_differ_are_synced():
                        {"host": "c", "src": "/ctl/stage/job", "dest": "/srv/c/inputs/job"}]]
 
 
-def test_a_checkpoint_goes_master_to_controller_then_to_every_worker_without_deleting():
-    pull, push = train_filters.checkpoint_transfers(PLAN, "b", "checkpoint-4", "/ctl/resume", ["a", "b", "c"])
-    assert pull == [{"host": "b", "src": "/srv/b/runs/r1/output/checkpoint-4", "dest": "/ctl/resume", "pull": True,
-                     "delete": False}]
-    assert [t["host"] for t in push] == ["a", "c"] and all(t["delete"] is False for t in push)
-    assert push[0]["dest"] == "/srv/a/runs/r1/output/checkpoint-4"
+def test_a_node_sends_only_to_the_nodes_whose_relay_started_and_only_what_they_miss():
+    """The master's checkpoint to the workers (roles/fanout with fanout_from): the route the master streams."""
+    from ansible_collections.llamafleet.cluster.plugins.filter.transfer import fanout_route
+
+    files = {"adapter.safetensors": {"size": 10, "sha256": "a" * 64}, "trainer_state.json": {"size": 2, "sha256": "b" * 64}}
+
+    def relay(missing, port):
+        return {"__fanout_recv": {"port": port, "addr": "10.0.0.%d" % port, "missing": missing, "relay": "/r", "python": "py"}}
+    hostvars = {"w1": relay(["trainer_state.json"], 2), "w2": {"__fanout_recv": {"port": None, "missing": []}},
+                "w3": relay(sorted(files), 4)}
+    route = fanout_route(hostvars, files, ["w1", "w2", "w3"], "__fanout_recv")
+    assert route["chain"] == [{"name": "w1", "addr": "10.0.0.2", "port": 2}, {"name": "w3", "addr": "10.0.0.4", "port": 4}]
+    assert [(e["path"], e["to"]) for e in route["entries"]] == [("adapter.safetensors", ["w3"]),
+                                                               ("trainer_state.json", ["w1", "w3"])]
 
 
 def test_rsync_reaches_the_node_like_ansible_and_shares_its_connection():

@@ -36,7 +36,9 @@ class ActionModule(ActionBase):
     @staticmethod
     def _plan(result, args):
         state = args["state_dir"]
-        if args.get("hashes"):  # hashed already (the training plan's manifest): only the sizes are read
+        if not args.get("src"):  # a node sends (fanout_from): the transfer's id and secret only
+            files = {}
+        elif args.get("hashes"):  # hashed already (the training plan's manifest): only the sizes are read
             files = fanout.sized(args["src"], args["hashes"])
         else:
             files = fanout.manifest(args["src"], os.path.join(state, "cache", "fanout-manifest-%s.json"
@@ -47,12 +49,7 @@ class ActionModule(ActionBase):
         return result
 
     def _send(self, result, args, task_vars):
-        received = []
-        for host in args["hosts"]:
-            res = (task_vars["hostvars"].get(host) or {}).get(args["register"]) or {}
-            if res.get("port"):
-                received.append({"name": host, "addr": res["addr"], "port": res["port"], "missing": res["missing"],
-                                 "relay": res["relay"], "python": res["python"]})
+        received = fanout.receivers(task_vars["hostvars"], args["hosts"], args["register"])
         try:
             if not received:
                 result.update(changed=False, bytes=0, chain=[])

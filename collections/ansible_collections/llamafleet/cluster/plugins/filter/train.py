@@ -46,15 +46,6 @@ def inputs_transfers(hostvars, plan, hosts, results_var="__train_prepared"):
              if (hostvars[h].get(results_var) or {}).get("inputs_differ", True)]]
 
 
-def checkpoint_transfers(plan, master, checkpoint, stage, hosts):
-    """Two phases: the master's checkpoint to the controller's ``stage``, then from there to every
-    worker's copy of the run (never deleting: each worker keeps its own rank's files)."""
-    def path(h):
-        return "%s/output/%s" % (plan["nodes"][h]["run_dir"], checkpoint)
-    return [[{"host": master, "src": path(master), "dest": stage, "pull": True, "delete": False}],
-            [{"host": h, "src": stage, "dest": path(h), "delete": False} for h in hosts if h != master]]
-
-
 def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
     """One phase: every host's run directory pulled into the controller's copy of the run (never deleting).
 
@@ -72,5 +63,5 @@ def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
 class FilterModule:
     def filters(self):
         return {"failed_starts": failed_starts, "inputs_transfers": inputs_transfers,
-                "checkpoint_transfers": checkpoint_transfers, "collect_transfers": collect_transfers,
+                "collect_transfers": collect_transfers,
                 "secret_env": secret_env, "name_problems": name_problems}

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import shlex
 
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401
+
+from llamafleet import fanout
+
 
 def rsync_argv(hostvars, src, dest, delete=True, pull=False, excludes=(), ssh_args=(), copy_unsafe_links=False):
     """argv for `rsync` from the controller to the node described by ``hostvars`` (``pull``: the other way).
@@ -50,6 +54,11 @@ def ssh_command(hostvars, ssh_args=()):
     return ssh, (f"{user}@{host}" if user else host)
 
 
+def fanout_route(hostvars, manifest, hosts, register):
+    """The route a sending node streams (``fanout.route``): the chain of nodes whose relay started, and the files."""
+    return fanout.route(hostvars, manifest, hosts, register)
+
+
 class FilterModule:
     def filters(self):
-        return {"rsync_argv": rsync_argv}
+        return {"rsync_argv": rsync_argv, "fanout_route": fanout_route}

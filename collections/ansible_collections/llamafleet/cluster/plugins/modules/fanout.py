@@ -13,6 +13,10 @@ description:
     files are missing or differ, starts the
     transfer's relay (module_utils/fanout.py) detached from the SSH session, listening on C(addr) on a port the
     kernel picks, accepting only a peer that proves it holds C(secret). Returns the port and what is missing.
+  - C(offer) and C(send) are the sending node's, when a node holds the files (a master's checkpoint): C(offer)
+    hashes C(dest) into the manifest the receivers compare with; C(send) streams C(route) (the chain and the
+    files, from the receivers' answers) from C(dest) into the chain's first relay over the training network.
+    A stream that breaks off is returned as C(error), not a failure: the receivers are waited for first.
   - C(wait) waits for the relay to finish, then verifies every file of the manifest in C(dest); the relay is
     stopped if it still runs, and its directory (config, status) is removed. Fails naming this node and what
     is missing, and where the stream stopped.
@@ -33,7 +37,7 @@ options:
     type: str
     required: true
   dest:
-    description: The directory the files go to on this node.
+    description: The directory the files go to on this node (with C(offer) and C(send), the one they come from).
     type: path
     required: true
   manifest:
@@ -45,7 +49,8 @@ options:
     type: str
     default: ""
   secret:
-    description: With C(receive), the transfer's secret (written 0600 for the relay, which deletes it on start).
+    description: With C(receive), the transfer's secret (written 0600 for the relay, which deletes it on start); with
+      C(send), what this node proves to the first relay.
     type: str
     default: ""
   timeout_s:
@@ -60,6 +65,11 @@ options:
     description: With C(wait), stop the relay at once (the controller's stream broke off).
     type: bool
     default: false
+  route:
+    description: With C(send), C(chain) (the receiving nodes, each C(name), C(addr), C(port)) and C(entries) (the
+      manifest's files some node misses, each with C(to), the nodes that want it).
+    type: dict
+    default: {}
   prune:
     description: With C(receive), first remove the files in C(dest) that the manifest does not list (a run's inputs
       directory holds exactly the run's inputs, as a sync with C(--delete) leaves it).
@@ -255,10 +265,49 @@ def _wait(module, p, host, run_dir):
     module.exit_json(changed=bool(status.get("written")), missing=[], status=status)
 
 
+def _offer(module, p, host):
+    """The files of dest (this node sends them): relative path -> size and sha256, from the node's hash cache."""
+    if not os.path.isdir(p["dest"]):
+        module.fail_json(msg="%s: %s is not a directory: nothing to send" % (host, p["dest"]))
+    cache = rules.HashCache(p["root"])
+    files = {}
+    for base, _dirs, names in os.walk(p["dest"]):
+        for name in names:
+            full = os.path.join(base, name)
+            if name.endswith(".fanout-part") or os.path.islink(full):
+                continue
+            st = os.stat(full)
+            files[os.path.relpath(full, p["dest"])] = {"size": st.st_size, "sha256": cache.sha256(full, st)}
+    cache.save()
+    module.exit_json(changed=False, manifest=files, bytes=sum(f["size"] for f in files.values()), files=len(files))
+
+
+def _send(module, p, host):
+    """Stream the route's files from dest into the chain's first relay over the training network."""
+    chain, entries = p["route"].get("chain") or [], p["route"].get("entries") or []
+    if not chain:
+        module.exit_json(changed=False, bytes=0, chain=[])
+    first = chain[0]
+    t0 = time.time()
+    try:
+        sock = socket.create_connection((first["addr"], int(first["port"])), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(120)
+        conn = fanout.Conn(sock)
+        sent = fanout.send(conn, p["secret"].strip().encode(), chain[1:], entries, p["dest"])
+        conn.close()
+    except (OSError, EOFError, fanout.FanoutError) as exc:
+        # judged after every node's relay has stopped: the play's next task waits for them, then fails
+        module.exit_json(changed=False, error="%s: the fan-out stream to %s (%s:%s) broke off (%s)"
+                                              % (host, first["name"], first["addr"], first["port"], exc))
+    module.exit_json(changed=True, bytes=sent, seconds=round(time.time() - t0, 3), first=first["name"],
+                     chain=[n["name"] for n in chain], files=len(entries))
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", required=True, choices=["receive", "wait"]),
+            state=dict(type="str", required=True, choices=["receive", "wait", "offer", "send"]),
             root=dict(type="path", required=True),
             transfer_id=dict(type="str", required=True),
             dest=dict(type="path", required=True),
@@ -269,6 +318,7 @@ def main():
             node_name=dict(type="str", default=""),
             abort=dict(type="bool", default=False),
             prune=dict(type="bool", default=False),
+            route=dict(type="dict", default={}),
         ),
         supports_check_mode=False,
     )
@@ -279,6 +329,10 @@ def main():
     run_dir = os.path.join(p["root"], "fanout", p["transfer_id"])
     if p["state"] == "receive":
         _receive(module, p, host, run_dir)
+    if p["state"] == "offer":
+        _offer(module, p, host)
+    if p["state"] == "send":
+        _send(module, p, host)
     _wait(module, p, host, run_dir)
 
 

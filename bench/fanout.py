@@ -70,6 +70,19 @@ def digest_tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
+def where(events: list[tuple[float, str, str]], result) -> dict:
+    """Each task's span (its first event to its last, s), the stream's seconds, the relays' CPU seconds."""
+    spans: dict[str, list[float]] = {}
+    for at, task, _status in events:
+        span = spans.setdefault(task, [at, at])
+        span[1] = at
+    sent = next(iter((result.results.get("fanout_send") or {}).values()), {})
+    relays = [(r.get("status") or {}).get("cpu_s") for r in (result.results.get("fanout") or {}).values()]
+    return {"tasks": {t: round(b - a, 2) for t, (a, b) in spans.items()}, "stream_s": sent.get("seconds"),
+            "relay_cpu_s": [c for c in relays if c is not None], "first_event_s": round(events[0][0], 2) if events else None,
+            "last_event_s": round(events[-1][0], 2) if events else None}
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -93,10 +106,12 @@ class Bench:
             raise RuntimeError("an rsync failed")
         return time.monotonic() - t0
 
-    def push(self, n: int, src: Path, dest: str) -> float:
+    def push(self, n: int, src: Path, dest: str) -> tuple[float, dict]:
+        """The fan-out's wall time, and where it went: each task's span, the stream, the relays' CPU."""
         inv = self.inventory(n)
+        events: list[tuple[float, str, str]] = []
         t0 = time.monotonic()
-        result = fanout.push(inv, src, dest)
+        result = fanout.push(inv, src, dest, on_event=lambda ev: events.append((time.monotonic() - t0, ev.task, ev.status)))
         took = time.monotonic() - t0
         if not result.ok:
             raise RuntimeError("fan-out failed: " + "; ".join(result.failure_messages()))
@@ -104,7 +119,7 @@ class Bench:
         for node in self.tb.nodes[:n]:
             if digest_tree(self.work / "roots" / node.name / dest) != want:
                 raise RuntimeError(f"{node.name}: its copy differs from the controller's")
-        return took
+        return took, where(events, result)
 
     def run(self) -> int:
         a = self.args
@@ -118,11 +133,13 @@ class Bench:
                 row = {"nodes": n, "S_over_B_s": round(floor_s, 2)}
                 row["rsync_parallel_s"] = round(self.rsync(self.tb.nodes[:n], src, f"r{n}"), 2)
                 row["rsync_one_s"] = round(self.rsync(self.tb.nodes[:1], src, f"one{n}"), 2)
-                row["fanout_s"] = round(self.push(n, src, f"f{n}"), 2)
+                took, row["where"] = self.push(n, src, f"f{n}")
+                row["fanout_s"] = round(took, 2)
                 row["fanout_x_floor"] = round(row["fanout_s"] / row["rsync_one_s"], 3)
                 self.rows.append(row)
                 print(f"  N={n}: rsync parallel {row['rsync_parallel_s']} s, one rsync {row['rsync_one_s']} s, "
                       f"fan-out {row['fanout_s']} s ({row['fanout_x_floor']}x the one-rsync floor)", flush=True)
+                print(f"    where: {json.dumps(row['where'])}", flush=True)
         finally:
             unshape(devs)
         return self.report(floor_s)

@@ -199,8 +199,10 @@ class _Events:
             # A run_once action judges all nodes: its message already names each host.
             o.failures.append(msg if action.startswith("llamafleet.cluster.") and not action.endswith(".node")
                               else f"{host}: {data.get('task') or ''}: {msg}")
-        # A loop's closing event carries only its items, which arrived one by one (runner_item_on_ok).
-        if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped" and "results" not in res:
+        # A loop's closing event carries only its items, which arrived one by one (runner_item_on_ok); a result
+        # marked bookkeeping (e.g. a secret removed) does not replace the action's result that matters.
+        if action.startswith("llamafleet.cluster.") and kind != "runner_on_skipped" and "results" not in res \
+                and not res.get("bookkeeping"):
             self.results.setdefault(action.rsplit(".", 1)[-1], {})[host] = res
         self._emit(TaskEvent(host, data.get("task") or "", status,
                              _message(res) if status in ("failed", "unreachable") else ""))

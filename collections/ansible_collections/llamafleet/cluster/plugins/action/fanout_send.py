@@ -1,5 +1,6 @@
 # -*- coding: utf-8 -*-
-"""Controller: plan a node-to-node fan-out (manifest, id, secret), or stream it into the chain's first node."""
+"""Controller: plan a node-to-node fan-out (manifest, id, secret), stream it into the chain's first node, or
+forget its secret (the transfer is over, however it ended)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class ActionModule(ActionBase):
         try:
             if args.get("state", "send") == "plan":
                 return self._plan(result, args)
+            if args.get("state") == "forget":  # in this process: no module run for an unlink
+                if os.path.exists(args["secret_file"]):
+                    os.unlink(args["secret_file"])
+                result.update(changed=False, bookkeeping=True)  # the runner keeps the send's result
+                return result
             return self._send(result, args, task_vars)
         except LlamafleetError as exc:
             result.update(failed=True, msg="; ".join(exc.problems), error="; ".join(exc.problems))

@@ -203,16 +203,24 @@ class Bench:
         ready = summary["llamafleet"]["ready_median_s"] / summary["by hand"]["ready_median_s"]
         lat = summary["llamafleet"]["completion_median_s"] / summary["by hand"]["completion_median_s"]
         summary["ratios"] = {"ready": ready, "completion": lat}
+        # llamafleet's own cost: its readiness less the server's own (launch to the key check), per round; and
+        # each round's ratio (the load time moves by seconds between rounds)
+        fixed = [r["ready_s"] - r["server_reported_ready_s"] for r in self.rows["llamafleet"]]
+        summary["llamafleet"]["fixed_cost_s"] = fixed
+        summary["round_ratios"] = [f["ready_s"] / h["ready_s"] for f, h in zip(self.rows["llamafleet"], self.rows["by hand"])]
         self.log("")
         self.log(f"{'':12} {'ready s':>9} {'completion ms':>14}")
         for name in ("by hand", "llamafleet"):
             self.log(f"{name:12} {summary[name]['ready_median_s']:>9.2f} {summary[name]['completion_median_s'] * 1000:>14.0f}")
         self.log(f"{'ratio':12} {ready:>8.2f}x {lat:>13.2f}x   targets <= {TARGET_READY}x, <= {TARGET_LATENCY}x: "
                  f"{'PASS' if ready <= TARGET_READY else 'MISS'} / {'PASS' if lat <= TARGET_LATENCY else 'MISS'}")
+        self.log(f"llamafleet's own cost (ready less the server's own), per round: "
+                 + ", ".join(f"{f:.2f} s" for f in fixed) + "; ratio per round: "
+                 + ", ".join(f"{r:.2f}x" for r in summary["round_ratios"]))
         doc = {"benchmark": "serve_readiness", "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "llamafleet": __version__, "cpus": os.cpu_count(), "args": vars(self.args), "rows": self.rows,
                "summary": summary, "errors": self.errors}
-        out = PROJECT / "bench" / "results" / f"serve_readiness-{datetime.date.today().isoformat()}.json"
+        out = PROJECT / "bench" / "results" / f"serve_readiness-{datetime.datetime.now():%Y%m%d-%H%M}.json"
         out.write_text(json.dumps(doc, indent=2, sort_keys=True))
         self.log(f"results: {out}")
         return 1 if self.errors else 0

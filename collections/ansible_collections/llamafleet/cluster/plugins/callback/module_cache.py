@@ -35,7 +35,8 @@ requirements:
 """
 
 CACHE_ENV = "LLAMAFLEET_MODULE_CACHE"
-KEEP = 4  # key directories kept (the newest by use); older ones are removed
+KEEP = 4  # key directories kept (the newest by use); older ones are removed once unused for IDLE_S
+IDLE_S = 86400  # never one another run may still be using (each run touches its own)
 CODE_DIRS = (("plugins", "modules"), ("plugins", "module_utils"))
 
 from ansible.plugins.callback import CallbackBase  # noqa: E402
@@ -96,14 +97,16 @@ def _private_dir(path: str) -> bool:
 
 
 def _prune(root: str, keep: str) -> None:
-    """Removes all but the KEEP most recently used key directories (``keep`` is in use now)."""
+    """Removes the key directories beyond the KEEP most recently used that no run has used for IDLE_S
+    (``keep`` is in use now)."""
     entries = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
         if name != keep and os.path.isdir(path) and not os.path.islink(path):
             entries.append((os.stat(path).st_mtime, path))
-    for _mtime, path in sorted(entries, reverse=True)[KEEP - 1:]:
-        shutil.rmtree(path, ignore_errors=True)
+    for mtime, path in sorted(entries, reverse=True)[KEEP - 1:]:
+        if time.time() - mtime > IDLE_S:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def link(constants, ansible_version: str, ansible_dir: str) -> str | None:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -73,7 +72,6 @@ PROJECT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = PROJECT / "bench"
 TINY = PROJECT / "examples" / "tiny"
 TINYMODEL = PROJECT / "python" / "llamafleet" / "tinymodel.py"
-TRANSFER = PROJECT / "collections" / "ansible_collections" / "llamafleet" / "cluster" / "plugins" / "filter" / "transfer.py"
 TARGET_LAUNCH_RATIO = 3.0
 KEEP_WARM_S = 90.0  # ControlPersist is 120 s for both Ansible and pdsh: reopen connections older than this
 MARKER = b"LLAMAFLEET_RUN_ID="
@@ -110,10 +108,10 @@ class BenchError(Exception):
 
 
 def _load_rsync_argv():
-    spec = importlib.util.spec_from_file_location("lf_transfer_filter", TRANSFER)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.rsync_argv
+    sys.path.insert(0, str(PROJECT / "collections"))  # the filter imports the collection's plugin_utils
+    from ansible_collections.llamafleet.cluster.plugins.filter.transfer import rsync_argv as argv
+
+    return argv
 
 
 rsync_argv = _load_rsync_argv()

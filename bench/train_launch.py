@@ -73,6 +73,7 @@ BENCH = PROJECT / "bench"
 TINY = PROJECT / "examples" / "tiny"
 TINYMODEL = PROJECT / "python" / "llamafleet" / "tinymodel.py"
 TARGET_LAUNCH_RATIO = 3.0
+TARGET_FLOOR_RATIO = 1.3  # issue 13: the launch against the one-task ansible-playbook floor of the same run
 KEEP_WARM_S = 90.0  # ControlPersist is 120 s for both Ansible and pdsh: reopen connections older than this
 MARKER = b"LLAMAFLEET_RUN_ID="
 RANK_COMMAND = b"llamafactory-cli"  # the job's command (launcher torchrun): argv of a rank's process
@@ -764,7 +765,8 @@ class Bench:
                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
                     "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "nodes": self.args.nodes,
                     "rounds": self.args.rounds, "poll_ms": self.args.poll_ms, "freeze_ranks": not self.args.no_freeze, "max_steps": self.args.max_steps,
-                    "target_launch_ratio": TARGET_LAUNCH_RATIO, "keep_warm_runs": self.keep_warms,
+                    "target_launch_ratio": TARGET_LAUNCH_RATIO,
+                    "target_floor_ratio": TARGET_FLOOR_RATIO, "keep_warm_runs": self.keep_warms,
                     "cpu_accounting": self.acct.method if self.acct else None, "stack_setup": stack,
                     "launch": launch, "resync": resync}
         return self.report()
@@ -789,28 +791,33 @@ class Bench:
                              "errors": sum(bool(r["errors"]) or r.get("launch_s") is None for r in rows)}
         base = summary.get(PDSH_CP, {}).get("launch_s_median")
         plain = summary.get(PDSH_PLAIN, {}).get("launch_s_median")
+        floor = summary.get(FLOOR, {}).get("launch_s_median")
         for s in summary.values():
             s["ratio_vs_pdsh_cp"] = s["launch_s_median"] / base if base and s["launch_s_median"] else None
             s["ratio_vs_pdsh_plain"] = s["launch_s_median"] / plain if plain and s["launch_s_median"] else None
+            s["ratio_vs_floor"] = s["launch_s_median"] / floor if floor and s["launch_s_median"] else None
         # per round, against pdsh of the same round
         by_round = {r["round"]: r["launch_s"] for r in runs[PDSH_CP] if r.get("launch_s")}
         per_round = [r["launch_s"] / by_round[r["round"]] for r in runs[LF]
                      if r.get("launch_s") and r["round"] in by_round]
+        floor_by_round = {r["round"]: r["launch_s"] for r in runs.get(FLOOR, []) if r.get("launch_s")}
+        per_round_floor = [r["launch_s"] / floor_by_round[r["round"]] for r in runs[LF]
+                           if r.get("launch_s") and r["round"] in floor_by_round]
         n = self.args.nodes
         print()
         print(f"Launch latency on {n} namespace nodes (command start -> a rank process with the run's LLAMAFLEET_RUN_ID "
               f"live on every node; /proc polled every {self.args.poll_ms:g} ms; ranks "
               f"{'left running' if self.args.no_freeze else 'frozen (SIGSTOP) once seen'}), {self.args.rounds} rounds, medians")
         print("| method | all ranks running s median (min) | by process start time s | first node s | "
-              "command returned s | ctrl CPU s | x pdsh(CP) | x pdsh(plain) |")
-        print("|---|---|---|---|---|---|---|---|")
+              "command returned s | ctrl CPU s | x pdsh(CP) | x pdsh(plain) | x floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
 
         def f(x, p=2):
             return f"{x:.{p}f}" if x is not None else "-"
         for name, s in summary.items():
             print(f"| {name} | {f(s['launch_s_median'])} ({f(s['launch_s_min'])}) | {f(s['launch_proc_start_s_median'])} | "
                   f"{f(s['first_node_s_median'])} | {f(s['returned_s_median'])} | {f(s['controller_cpu_s_median'])} | "
-                  f"{f(s['ratio_vs_pdsh_cp'], 1)} | {f(s['ratio_vs_pdsh_plain'], 1)} |"
+                  f"{f(s['ratio_vs_pdsh_cp'], 1)} | {f(s['ratio_vs_pdsh_plain'], 1)} | {f(s['ratio_vs_floor'])} |"
                   + (f"  ({s['errors']} runs with ERRORS)" if s["errors"] else ""))
         verdicts = {}
         ratio = summary.get(LF, {}).get("ratio_vs_pdsh_cp")
@@ -821,6 +828,13 @@ class Bench:
                   f"{verdicts['launch']['verdict']} (per round: {', '.join(f'{x:.1f}' for x in per_round)})")
             if summary.get(LF, {}).get("ratio_vs_pdsh_plain") is not None:
                 print(f"  against plain pdsh: {summary[LF]['ratio_vs_pdsh_plain']:.1f}x")
+        floor_ratio = summary.get(LF, {}).get("ratio_vs_floor")
+        if floor_ratio is not None:
+            verdicts["launch_vs_floor"] = {"ratio": floor_ratio, "per_round": per_round_floor,
+                                           "verdict": "PASS" if floor_ratio <= TARGET_FLOOR_RATIO else "MISS"}
+            print(f"target launch <= {TARGET_FLOOR_RATIO:g}x the one-task ansible-playbook floor (issue 13): "
+                  f"{floor_ratio:.2f}x {verdicts['launch_vs_floor']['verdict']} "
+                  f"(per round: {', '.join(f'{x:.2f}' for x in per_round_floor)})")
 
         # the profile of llamafleet's launch: medians per task over the measured rounds
         prof = merge_profiles([r["profile"] for r in runs[LF] if r.get("profile")])

@@ -32,6 +32,24 @@ def test_only_nodes_whose_inputs_differ_are_synced():
                        {"host": "c", "src": "/ctl/stage/job", "dest": "/srv/c/inputs/job"}]]
 
 
+def test_failed_starts_names_each_node_that_did_not_start_and_nothing_when_the_start_ran_nowhere():
+    ok = {"changed": True, "run": {"state": "running"}}
+    hostvars = {"a": {"__train_start": ok}, "b": {"__train_start": {"failed": True, "msg": "b: port in use"}},
+                "c": {"__train_start": {"unreachable": True, "msg": "ssh timed out"}}, "d": {}}
+    assert train_filters.failed_starts(hostvars, ["a", "b", "c", "d"]) == [
+        "b: b: port in use", "c: unreachable: ssh timed out", "d: not started (the node dropped out of the play)"]
+    assert train_filters.failed_starts(hostvars, ["a"]) == []
+    # the launch failed before the start (a check, a transfer): not_started.yml then only gives the lock back
+    assert train_filters.failed_starts({"a": {}, "b": {"__train_prepared": {}}}, ["a", "b"]) == []
+
+
+def test_the_transfers_are_included_when_some_node_lacks_a_hub_repository():
+    hostvars = {"a": {"__train_prepared": {"hub_missing": []}}, "b": {"__train_prepared": {"hub_missing": ["m"]}},
+                "c": {}}
+    assert train_filters.lacking_hub(hostvars, ["a", "b", "c"]) == ["b"]
+    assert train_filters.lacking_hub(hostvars, ["a", "c"]) == []
+
+
 def test_a_node_sends_only_to_the_nodes_whose_relay_started_and_only_what_they_miss():
     """The master's checkpoint to the workers (roles/fanout with fanout_from): the route the master streams."""
     from ansible_collections.llamafleet.cluster.plugins.filter.transfer import fanout_route

@@ -19,6 +19,7 @@ from llamafleet import fabric, launchplan
 from llamafleet.errors import LlamafleetError
 from llamafleet.inventory import Cluster
 from llamafleet.lock import resolve_dict
+from llamafleet.names import name_problem
 
 
 class ActionModule(ActionBase):
@@ -28,6 +29,12 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         a = self._task.args
+        # the run id and the job name become directories on every node and on the controller (the rule of
+        # roles/train/tasks/names.yml, which the other verbs run as a task of its own)
+        names = [p for p in (name_problem(a.get(k), "train_" + k) for k in ("run_id", "job") if a.get(k)) if p]
+        if names:
+            result.update(failed=True, msg="; ".join(names) + "; nothing was touched")
+            return result
         if not a.get("config") and not a.get("fabric"):
             result.update(failed=True, msg="no training config: pass -e train_config=path/to/llamafactory.yaml")
             return result

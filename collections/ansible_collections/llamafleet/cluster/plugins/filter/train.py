@@ -26,10 +26,13 @@ def name_problems(values, required=()):
 
 
 def failed_starts(hostvars, hosts):
-    """``host: reason`` for every host whose start failed or that could not be reached."""
+    """``host: reason`` for every host whose start failed or that could not be reached; empty when the start
+    ran nowhere (the launch failed before it: the check, a transfer)."""
+    starts = {host: hostvars[host].get("__train_start") for host in hosts}
+    if all(res is None for res in starts.values()):
+        return []
     out = []
-    for host in hosts:
-        res = hostvars[host].get("__train_start")
+    for host, res in starts.items():
         if res is None:
             out.append(f"{host}: not started (the node dropped out of the play)")
         elif res.get("unreachable"):
@@ -60,8 +63,13 @@ def collect_transfers(hostvars, hosts, run_id, state_dir, excludes=()):
              for h in hosts]]
 
 
+def lacking_hub(hostvars, hosts, results_var="__train_prepared"):
+    """The hosts whose check (``results_var``) found hub repositories missing from their cache (fetch.yml)."""
+    return [h for h in hosts if (hostvars[h].get(results_var) or {}).get("hub_missing")]
+
+
 class FilterModule:
     def filters(self):
-        return {"failed_starts": failed_starts, "inputs_transfers": inputs_transfers,
+        return {"failed_starts": failed_starts, "lacking_hub": lacking_hub, "inputs_transfers": inputs_transfers,
                 "collect_transfers": collect_transfers,
                 "secret_env": secret_env, "name_problems": name_problems}

@@ -77,7 +77,11 @@ def where(events: list[tuple[float, str, str]], result) -> dict:
         span = spans.setdefault(task, [at, at])
         span[1] = at
     sent = next(iter((result.results.get("fanout_send") or {}).values()), {})
-    relays = [(r.get("status") or {}).get("cpu_s") for r in (result.results.get("fanout") or {}).values()]
+    # each relay's CPU seconds, from its answer at the end of the stream (the wait task runs only where a node
+    # did not answer complete: its status then)
+    relays = [a.get("cpu_s") for a in sent.get("acks") or []]
+    relays += [(r.get("status") or {}).get("cpu_s") for r in (result.results.get("fanout") or {}).values()
+               if not r.get("skipped")]
     return {"tasks": {t: round(b - a, 2) for t, (a, b) in spans.items()}, "stream_s": sent.get("seconds"),
             "relay_cpu_s": [c for c in relays if c is not None], "first_event_s": round(events[0][0], 2) if events else None,
             "last_event_s": round(events[-1][0], 2) if events else None}

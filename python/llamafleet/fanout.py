@@ -108,8 +108,8 @@ def chain_and_files(nodes: Sequence[Mapping[str, Any]], files: Mapping[str, Mapp
 def send(ssh_argv: Sequence[str], relay_py: str, python: str, chain: Sequence[Mapping[str, Any]],
          entries: Sequence[Mapping[str, Any]], src: str | os.PathLike, secret_file: str | os.PathLike,
          protocol: Any) -> dict[str, Any]:
-    """Stream ``entries`` into ``chain[0]`` over SSH (its relay through ``relay_py pipe``); returns bytes and
-    seconds. ``protocol``: module_utils/fanout.py (the same code the nodes run)."""
+    """Stream ``entries`` into ``chain[0]`` over SSH (its relay through ``relay_py pipe``); returns bytes,
+    seconds and every reached node's outcome (``acks``). ``protocol``: module_utils/fanout.py (the same code the nodes run)."""
     secret = Path(secret_file).read_text().strip().encode()
     first = chain[0]
     cmd = [*ssh_argv, shlex.join([python, relay_py, "pipe", str(first["addr"]), str(int(first["port"]))])]
@@ -117,7 +117,7 @@ def send(ssh_argv: Sequence[str], relay_py: str, python: str, chain: Sequence[Ma
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     conn = protocol.Conn(rfile=proc.stdout, wfile=proc.stdin)
     try:
-        sent = protocol.send(conn, secret, list(chain[1:]), list(entries), str(src))
+        sent, acks = protocol.send(conn, secret, list(chain[1:]), list(entries), str(src))
     except (OSError, EOFError, protocol.FanoutError) as exc:
         proc.kill()
         err = proc.communicate()[1].decode(errors="replace").strip()[-500:]
@@ -127,7 +127,7 @@ def send(ssh_argv: Sequence[str], relay_py: str, python: str, chain: Sequence[Ma
         conn.close()
     proc.wait(timeout=60)
     return {"bytes": sent, "seconds": round(time.monotonic() - t0, 3), "first": first["name"],
-            "chain": [n["name"] for n in chain]}
+            "chain": [n["name"] for n in chain], "acks": acks}
 
 
 def push(inventory: str | os.PathLike, src: str | os.PathLike, dest: str, *, nodes: Sequence[str] | None = None,

@@ -80,6 +80,13 @@ def test_every_node_gets_the_controllers_manifest_and_a_rerun_moves_only_what_is
     assert sent["first"] == "node1" and sent["chain"] == ["node1", "node2", "node3", "node4"]
     assert sent["bytes"] == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())  # once, not 4 times
     assert not list((tmp_path / "state" / "fanout").glob("*.key"))  # the transfer's secret is gone
+    # every node answered complete at the end of the stream: no wait task ran on any node, and each node's
+    # hash cache holds what its relay verified (the next check reads no file again)
+    assert [(a["node"], a["complete"]) for a in sent["acks"]] == [(n, True) for n in ("node1", "node2", "node3", "node4")]
+    assert not [h for h, r in first.results["fanout"].items() if "status" in r]
+    for n in four.nodes:
+        cache = json.loads((tmp_path / "roots" / n.name / "cache" / "sha256.json").read_text())
+        assert {str(tmp_path / "roots" / n.name / DEST / rel) for rel in want} <= set(cache), n.name
     # node3 loses a shard: the re-run streams only that file, and only node3 is in the chain
     (tmp_path / "roots" / "node3" / DEST / "model" / "model-00002-of-00002.safetensors").unlink()
     again = fanout.push(inv, src, DEST)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -19,6 +20,7 @@ from llamafleet.errors import LlamafleetError
 
 sys.path.insert(0, str(PROJECT / "collections"))
 from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout as protocol  # noqa: E402
+from ansible_collections.llamafleet.cluster.plugins.module_utils import rules  # noqa: E402
 
 
 def _src(tmp_path):
@@ -59,11 +61,11 @@ def test_a_path_that_leaves_the_destination_is_refused(tmp_path, rel):
         protocol.safe_path(str(tmp_path), rel)
 
 
-def _relay(tmp_path, name, secret=b"s3cret", timeout=20):
+def _relay(tmp_path, name, secret=b"s3cret", timeout=20, **config):
     run_dir = tmp_path / f"relay-{name}"
     run_dir.mkdir()
     (run_dir / "secret").write_bytes(secret)
-    (run_dir / "config.json").write_text(json.dumps({"name": name, "dest": str(tmp_path / name), "timeout_s": timeout}))
+    (run_dir / "config.json").write_text(json.dumps(dict(config, name=name, dest=str(tmp_path / name), timeout_s=timeout)))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
@@ -91,8 +93,9 @@ def test_three_chained_relays_each_write_what_they_miss_and_pass_everything_on(t
     nodes[1]["missing"] = ["data.json"]  # n2 has the model already
     chain, entries = fanout.chain_and_files(nodes, files)
     conn = _open(relays[0])
-    sent = protocol.send(conn, b"s3cret", chain[1:], entries, str(src))
+    sent, acks = protocol.send(conn, b"s3cret", chain[1:], entries, str(src))
     conn.close()
+    assert [a["node"] for a in acks] == ["n1", "n2", "n3"] and {a["state"] for a in acks} == {"done"}
     for r in relays:
         r["thread"].join(10)
         assert r["out"]["rc"] == 0 and _status(r)["state"] == "done"
@@ -106,6 +109,40 @@ def test_three_chained_relays_each_write_what_they_miss_and_pass_everything_on(t
     assert {k: v[2] for k, v in hashed.items()} == {k: f["sha256"] for k, f in files.items()}
 
 
+def test_the_end_of_the_stream_brings_back_each_node_complete_its_hashes_cached_and_nothing_left(tmp_path):
+    """What lets the controller skip the wait task: a node whose whole manifest is on its disk says so in its
+    answer up the chain, has put what it verified in its hash cache, and has removed its relay directory."""
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    shutil.copytree(src / "model", tmp_path / "n2" / "model")  # n2 holds the model already: only data.json is sent
+    relays = [_relay(tmp_path, n, root=str(tmp_path / f"root-{n}"), manifest=files, cleanup=True) for n in ("n1", "n2")]
+    nodes = [dict(relays[0], missing=sorted(files)), dict(relays[1], missing=["data.json"])]
+    chain, entries = fanout.chain_and_files(nodes, files)
+    conn = _open(relays[0])
+    _sent, acks = protocol.send(conn, b"s3cret", chain[1:], entries, str(src))
+    conn.close()
+    for r in relays:
+        r["thread"].join(10)
+        assert r["out"]["rc"] == 0 and not r["dir"].exists()  # nothing of the transfer is left on the node
+    assert [(a["node"], a["state"], a["complete"], a["bad"]) for a in acks] == [("n1", "done", True, []),
+                                                                                 ("n2", "done", True, [])]
+    cache = json.loads((tmp_path / "root-n1" / rules.NODE_HASH_CACHE).read_text())
+    assert {os.path.relpath(k, tmp_path / "n1"): v[2] for k, v in cache.items()} == {k: f["sha256"] for k, f in files.items()}
+
+
+def test_a_node_missing_a_file_at_the_end_is_not_complete_and_keeps_its_status_for_the_wait_task(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    relay = _relay(tmp_path, "n1", root=str(tmp_path / "root"), manifest=files, cleanup=True)
+    # the chain sends n1 only data.json (as if it held the model), but its disk lacks the model
+    chain, entries = fanout.chain_and_files([dict(relay, missing=["data.json"])], files)
+    conn = _open(relay)
+    _sent, acks = protocol.send(conn, b"s3cret", chain[1:], entries, str(src))
+    conn.close()
+    relay["thread"].join(10)
+    assert acks[0]["complete"] is False and _status(relay)["state"] == "done"  # the wait task then names what is missing
+
+
 def test_a_file_whose_bytes_do_not_match_the_manifest_is_not_kept(tmp_path):
     src = _src(tmp_path)
     files = fanout.manifest(src)
@@ -113,8 +150,9 @@ def test_a_file_whose_bytes_do_not_match_the_manifest_is_not_kept(tmp_path):
     relay = _relay(tmp_path, "n1")
     chain, entries = fanout.chain_and_files([dict(relay, missing=sorted(files))], files)
     conn = _open(relay)
-    protocol.send(conn, b"s3cret", [], entries, str(src))
+    _sent, acks = protocol.send(conn, b"s3cret", [], entries, str(src))
     relay["thread"].join(10)
+    assert acks[0]["bad"] == ["data.json"] and not acks[0]["complete"]
     assert _status(relay)["bad"] == ["data.json"] and not (tmp_path / "n1" / "data.json").exists()
     assert not list((tmp_path / "n1").glob(".*.fanout-part"))
 

@@ -18,8 +18,12 @@ time of one copy). Each node runs one relay per transfer (``run`` mode), started
 
 Stream: 4-byte big-endian length + JSON frames. First ``{"chain": [{"name","addr","port"},...]}`` (the nodes
 after the receiver), then per file ``{"path","size","sha256","to":[names]}`` + ``size`` raw bytes, then
-``{"end": true}``. Pure standard library: the same file is the relay on every node and the sender on the
-controller.
+``{"end": true}``. The answer flows back up the chain once the last node has everything: ``{"acks": [...]}``,
+one outcome per node (``ack``), each node's put before its successors'. A relay whose whole manifest is then on
+its disk, verified (``complete``), has recorded the hashes in the node's hash cache and removed its run
+directory itself (config ``cleanup``): the controller needs no further task on that node.
+Pure standard library (and ``rules.py``, written beside it): the same file is the relay on every node and the
+sender on the controller.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
 import threading
 import time
+
+try:  # a module_util of the fanout module; the relay script imports the copy written beside it
+    from ansible_collections.llamafleet.cluster.plugins.module_utils import rules
+except ImportError:  # pragma: no cover - the relay on a node
+    import rules
 
 MAGIC = b"llamafleet-fanout/1\n"
 CHUNK = 1 << 20
@@ -278,15 +288,45 @@ class Relay:
                     self.status["forward_error"] = "%s: the connection broke off (%s)" % (self.status["next"], exc)
                     self.nxt = None
             self._receive_file(conn, frame)
+        later = []
         if self.nxt is not None:
             try:
                 send_frame(self.nxt, {"end": True})
-                self.nxt.read(2)  # the successor's b"OK" once it has everything: the chain ends in order
-            except (OSError, EOFError) as exc:
+                later = read_frame(self.nxt).get("acks") or []  # once the successors have everything: in order
+            except (OSError, EOFError, ValueError, FanoutError) as exc:
                 self.status["forward_error"] = "%s: broke off at the end (%s)" % (self.status["next"], exc)
             self.nxt.close()
-        conn.write(b"OK")
+        self.status["state"] = "done"
+        self.finish()
+        send_frame(conn, {"acks": [self.ack()] + later})
         conn.close()
+
+    def finish(self):
+        """The verified hashes into the node's hash cache, and whether the whole manifest is now here (files
+        this node held before the transfer included)."""
+        root, manifest = self.cfg.get("root"), self.cfg.get("manifest")
+        if not root or manifest is None:
+            return
+        cache = rules.HashCache(root)
+        for rel, (_size, _mtime_ns, digest) in self.status["hashed"].items():
+            full = os.path.join(self.dest, rel)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            if [st.st_size, st.st_mtime_ns] == self.status["hashed"][rel][:2]:
+                cache.record(full, digest, st)
+        self.status["complete"] = not self.status["bad"] and len(
+            rules.verified_files(cache, self.dest, manifest)) == len(manifest)
+        cache.save()
+
+    def ack(self):
+        """This node's outcome, as the controller receives it at the end of the stream."""
+        out = {k: self.status.get(k) for k in ("node", "state", "complete", "error", "forward_error", "bad", "bytes",
+                                                "refused")}
+        times = os.times()
+        out["cpu_s"] = round(times.user + times.system, 3)  # where a transfer's time goes (bench/fanout.py)
+        return out
 
 
 def run(run_dir, fd):
@@ -296,7 +336,6 @@ def run(run_dir, fd):
         conn = relay.accept(listener)
         listener.close()  # one sender per transfer: nothing listens once it is here
         relay.serve(conn)
-        relay.status["state"] = "done"
     except (OSError, EOFError, ValueError, FanoutError) as exc:
         relay.status.update(state="failed", error=str(exc) or type(exc).__name__)
         if relay.nxt is not None:
@@ -306,6 +345,8 @@ def run(run_dir, fd):
         times = os.times()
         relay.status["cpu_s"] = round(times.user + times.system, 3)  # where a transfer's time goes (bench/fanout.py)
         write_status(run_dir, relay.status)
+    if relay.status.get("complete") and relay.cfg.get("cleanup"):
+        shutil.rmtree(run_dir, ignore_errors=True)  # done and verified: nothing of the transfer is left here
     return 0 if relay.status["state"] == "done" else 1
 
 
@@ -340,7 +381,8 @@ def pipe(addr, port):
 
 def send(conn, secret, chain, files, src, on_progress=None):
     """The controller's side: prove the credential, then stream ``files`` (manifest entries with ``to``) from
-    ``src`` into the first node; returns when the whole chain has acknowledged the end."""
+    ``src`` into the first node; returns the bytes sent and every reached node's outcome (``Relay.ack``), once
+    the whole chain has acknowledged the end."""
     client_handshake(conn, secret)
     send_frame(conn, {"chain": chain})
     sent = 0
@@ -359,9 +401,13 @@ def send(conn, secret, chain, files, src, on_progress=None):
             on_progress(sent)
     send_frame(conn, {"end": True})
     conn.flush()
-    if conn.read(2) != b"OK":
+    try:
+        acks = read_frame(conn).get("acks")
+    except ValueError:
+        acks = None
+    if not isinstance(acks, list):
         raise FanoutError("the first node did not acknowledge the end")
-    return sent
+    return sent, acks
 
 
 if __name__ == "__main__":

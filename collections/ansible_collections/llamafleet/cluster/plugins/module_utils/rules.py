@@ -130,3 +130,18 @@ class HashCache(object):
             self.dirty = False
         except OSError:
             pass
+
+
+def verified_files(cache, dest, manifest):
+    """The files of ``manifest`` (relative path -> ``{"size", "sha256"}``) present in ``dest`` with that size and
+    hash, by ``cache`` (a HashCache: an unchanged file is not read again)."""
+    have = set()
+    for rel, want in manifest.items():
+        full = os.path.join(dest, rel)
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if st.st_size == int(want["size"]) and cache.sha256(full, st) == want["sha256"]:
+            have.add(rel)
+    return have

@@ -102,6 +102,12 @@ status:
   description: The relay's final status (C(wait)).
   returned: always
   type: dict
+acks:
+  description: With C(send), every reached node's outcome at the end of the stream (C(node), C(state), C(complete)
+    when its whole manifest is on its disk and verified, C(error), C(forward_error), C(bad)); C(wait) is needed only
+    on the nodes without a complete one.
+  returned: when the stream ended
+  type: list
 """
 
 import json
@@ -119,15 +125,7 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils import fanout, 
 def _have(root, dest, manifest):
     """The manifest's files present in dest with its size and hash (from the node's hash cache, rules.HashCache)."""
     cache = rules.HashCache(root)
-    have = set()
-    for rel, want in manifest.items():
-        full = os.path.join(dest, rel)
-        try:
-            st = os.stat(full)
-        except OSError:
-            continue
-        if st.st_size == int(want["size"]) and cache.sha256(full, st) == want["sha256"]:
-            have.add(rel)
+    have = rules.verified_files(cache, dest, manifest)
     cache.save()
     return have
 
@@ -153,12 +151,12 @@ def _drop_parts(dest):
                 os.unlink(os.path.join(base, name))
 
 
-def _source():
-    loader = getattr(fanout, "__loader__", None)
-    source = loader.get_source(fanout.__name__) if loader is not None and hasattr(loader, "get_source") else None
+def _source(mod):
+    loader = getattr(mod, "__loader__", None)
+    source = loader.get_source(mod.__name__) if loader is not None and hasattr(loader, "get_source") else None
     if source:
         return source
-    with open(fanout.__file__) as fh:
+    with open(mod.__file__) as fh:
         return fh.read()
 
 
@@ -180,9 +178,13 @@ def _receive(module, p, host, run_dir):
     os.makedirs(p["dest"], exist_ok=True)
     _drop_parts(p["dest"])
     _write(os.path.join(run_dir, "secret"), p["secret"], 0o600)
+    # with root and manifest the relay records what it verified in the node's hash cache and, once the whole
+    # manifest is here, says so in its answer up the chain and removes this directory (cleanup)
     _write(os.path.join(run_dir, "config.json"), json.dumps({
-        "name": module.params["node_name"] or host, "dest": p["dest"], "timeout_s": p["timeout_s"]}), 0o600)
-    _write(os.path.join(run_dir, "fanout.py"), _source(), 0o644)
+        "name": module.params["node_name"] or host, "dest": p["dest"], "timeout_s": p["timeout_s"],
+        "root": p["root"], "manifest": p["manifest"], "cleanup": True}), 0o600)
+    _write(os.path.join(run_dir, "fanout.py"), _source(fanout), 0o644)
+    _write(os.path.join(run_dir, "rules.py"), _source(rules), 0o644)
     listener = socket.socket(socket.AF_INET6 if ":" in p["addr"] else socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind((p["addr"], 0))
@@ -294,14 +296,14 @@ def _send(module, p, host):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(120)
         conn = fanout.Conn(sock)
-        sent = fanout.send(conn, p["secret"].strip().encode(), chain[1:], entries, p["dest"])
+        sent, acks = fanout.send(conn, p["secret"].strip().encode(), chain[1:], entries, p["dest"])
         conn.close()
     except (OSError, EOFError, fanout.FanoutError) as exc:
         # judged after every node's relay has stopped: the play's next task waits for them, then fails
         module.exit_json(changed=False, error="%s: the fan-out stream to %s (%s:%s) broke off (%s)"
                                               % (host, first["name"], first["addr"], first["port"], exc))
     module.exit_json(changed=True, bytes=sent, seconds=round(time.time() - t0, 3), first=first["name"],
-                     chain=[n["name"] for n in chain], files=len(entries))
+                     chain=[n["name"] for n in chain], files=len(entries), acks=acks)
 
 
 def main():

@@ -227,7 +227,7 @@ def _train(args, console) -> int:
                   stall_timeout_s=args.stall_timeout, accelerate_config=args.accelerate_config,
                   extravars=_parse_extra(args.extra),
                   workdir=args.workdir, model_source=args.model_source, hub_fetch=args.hub_fetch,
-                  shared_output=args.shared_output, fanout=args.fanout,
+                  shared_output=args.shared_output, fanout=args.fanout, full_check=args.full_check,
                   fabric_check=_fabric_kwargs(args) if args.fabric_check else None)
     with Interrupts() as interrupts:
         kwargs.update(cancel=interrupts.event, stop_on_cancel=args.stop_on_interrupt)
@@ -428,6 +428,9 @@ def _add_train(sub) -> None:
     t.add_argument("--fanout", choices=["auto", "always", "never"],
                    help="inputs to the nodes that lack them node to node, crossing this machine's uplink once (default "
                    "auto: when two nodes or more lack them and they hold train_fanout_min_mb, 200 MB, or more)")
+    t.add_argument("--full-check", action="store_true", help="check and judge every node before the start even "
+                   "when the last judged launch of this job still holds on all of them (by default such a relaunch "
+                   "is one task per node)")
     t.add_argument("--shared-output", action="store_true", help="the yaml's output_dir (absolute) is on storage every "
                    "node shares: rank 0 writes it, resume reads it in place (checked at start)")
     t.add_argument("--workdir", help="directory the yaml's relative paths start from, as for llamafactory-cli "

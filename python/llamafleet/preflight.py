@@ -57,10 +57,16 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
                 problems.append(f"{host}: rsync {rsync} is older than {RSYNC_MIN}, which llamafleet's transfers need "
                                 "(--mkpath): upgrade rsync on the node")
         offset = node.get("clock_offset_s")
-        # The offset includes the task's trip from the controller (>= 0 for a good clock): a clock behind
-        # is caught to the second, one ahead once it exceeds the allowance plus the trip.
-        if offset is not None and not (-max_clock_skew_s <= offset <= max_clock_skew_s + max_trip_s):
+        low, high = clock_bounds(max_clock_skew_s, max_trip_s)
+        if offset is not None and not (low <= offset <= high):
             problems.append(f"{host}: clock is {offset:+.1f} s off the controller's (allowed {max_clock_skew_s:g} s, "
                             "preflight_max_clock_skew_s): enable NTP/chrony on the node")
     return problems
 
+
+def clock_bounds(max_clock_skew_s: float, max_trip_s: float = 30.0) -> tuple[float, float]:
+    """The clock offsets a node's check may report (its time minus the controller's when the task was sent).
+    The offset includes the task's trip from the controller (>= 0 for a good clock): a clock behind is caught to
+    the second, one ahead once it exceeds the allowance plus the trip. The one-wave launch's node checks its own
+    offset against these (roles/train)."""
+    return -float(max_clock_skew_s), float(max_clock_skew_s) + float(max_trip_s)

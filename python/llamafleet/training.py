@@ -319,7 +319,7 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
           follow_run: bool = False, workdir: str | os.PathLike | None = None, model_source: str | None = None, hub_fetch: str | None = None,
           start_timeout_s: float | None = None, peer_timeout_s: float | None = None,
           stall_timeout_s: float | None = None, accelerate_config: str | None = None, poll_s: float = 5,
-          env: Mapping[str, str] | None = None, fanout: str | None = None,
+          env: Mapping[str, str] | None = None, fanout: str | None = None, full_check: bool = False,
           extravars: Mapping[str, Any] | None = None, on_event: Callable[[TaskEvent], None] | None = None,
           on_status: Callable[[RunStatus], None] | None = None, cancel: threading.Event | None = None,
           stop_on_cancel: bool = False, fabric_check: Mapping[str, Any] | None = None) -> TrainResult:
@@ -334,7 +334,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
     train_peer_timeout_s and train_stall_timeout_s: what the nodes' supervisors hold the run to.
     ``fabric_check`` (settings of ``fabric.check``; {} for the inventory's): the fabric check runs first, and
     nothing trains unless it passes. ``fanout`` (auto, always, never) overrides train_fanout: whether the inputs
-    go node to node."""
+    go node to node. ``full_check``: check and judge every node even where the last judged launch still holds
+    (no one-wave start; train_fast false)."""
     workdir = _check_train_args(config, run_id, workdir, extravars)
     ev = _extra(extravars, train_config=str(Path(config).resolve()), train_launcher=launcher,
                 train_master_port=master_port, train_run_id=run_id or "", train_replace=replace,
@@ -343,7 +344,8 @@ def train(inventory: str | os.PathLike, config: str | os.PathLike, *, launcher: 
                 train_follow=False, train_workdir=str(workdir), train_model_source=model_source,
                 train_hub_fetch=hub_fetch, train_start_timeout_s=start_timeout_s,
                 train_peer_timeout_s=peer_timeout_s, train_stall_timeout_s=stall_timeout_s,
-                train_accelerate_config=accelerate_config, train_fanout=fanout)
+                train_accelerate_config=accelerate_config, train_fanout=fanout,
+                train_fast=False if full_check else None)
     if env:
         ev["train_env"] = dict(env)
     if fabric_check is not None and not dry_run:

@@ -206,23 +206,36 @@ def test_a_stopped_run_resumes_from_its_last_complete_checkpoint(two_nodes, job,
 
 
 def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_stack):
+    """Also the one-wave launch: a relaunch of the judged job on unchanged nodes is one task per node (no check,
+    no judgement); a node whose inputs differ makes it go the full way (check, judgement, sync, start)."""
     from llamafleet.runner import run_playbook
 
     _, roots = default_stack
     cfg = variant(job, "resync", max_steps=400)
+    extravars = {"train_config": str(cfg), "train_follow": False, "train_workdir": str(job.parents[1])}
     first = train(two_nodes, cfg, workdir=job.parents[1])
     assert first.ok, first.format()
     stop(two_nodes, first.run_id)
+    fast = run_playbook("train.yml", two_nodes, verb="train", extravars=extravars)
+    fast_id = (next(iter((fast.results.get("train_plan") or {}).values()), {}).get("plan") or {}).get("run_id")
+    try:
+        assert fast.ok, fast.failure_messages()
+        assert not fast.results.get("parity") and not fast.results.get("sync")  # no judgement, no check ran
+        starts = fast.results["train"]
+        assert sorted(starts) == ["node1", "node2"] and all(r["run"]["state"] == "running" and "fallback" not in r
+                                                             for r in starts.values()), starts
+    finally:
+        if fast_id:
+            stop(two_nodes, fast_id)
     # node2's copy of the data changed behind our back, and a stray file appeared there; node1 is intact
     inputs = roots / "node2" / "inputs" / "resync"
     planted = inputs / "data" / "tiny_alpaca.jsonl"
     planted.write_text(planted.read_text() + '{"instruction": "planted", "input": "", "output": "x"}\n')
     (inputs / "stray.txt").write_text("not an input")
-    run = run_playbook("train.yml", two_nodes, verb="train",
-                       extravars={"train_config": str(cfg), "train_follow": False,
-                                  "train_workdir": str(job.parents[1])})
+    run = run_playbook("train.yml", two_nodes, verb="train", extravars=extravars)
     try:
         assert run.ok, run.failure_messages()
+        assert run.results.get("parity")  # the one-wave start fell back: the full way judged the nodes
         synced = next(iter(run.results["sync"].values()))["nodes"]
         assert list(synced) == ["node2"], synced  # node1 already held the manifest's files: no rsync at all
         itemized = "\n".join(synced["node2"][0]["itemized"])

@@ -9,10 +9,12 @@ is refused here, before any rank starts, with the setting that would fit."""
 from __future__ import annotations
 
 import json
+import os
 
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import host_results
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import judged_digest
 
 from llamafleet import fit, parity, preflight, trainconfig
 from llamafleet.lock import resolve_dict
@@ -65,19 +67,42 @@ class ActionModule(ActionBase):
                                           report=report)
         path = parity.save_report(report, inspections, args["state_dir"])
         result.update(changed=False, report=report.to_dict(), report_path=str(path))
-        failures = ["preflight failed:\n" + "\n".join(f"- {p}" for p in problems)] if problems else []
-        if yaml_problems:
-            failures.append("the training yaml does not fit the nodes' LLaMA-Factory:\n"
-                            + "\n".join(f"- {p}" for p in yaml_problems))
-            problems += yaml_problems
-        if fit_problems:
-            failures.append("a node's GPUs cannot hold the run (memory per GPU, estimated):\n"
-                            + "\n".join(f"- {p}" for p in fit_problems))
-            problems += fit_problems
+        failures = _failures(problems, yaml_problems, fit_problems)
+        problems += yaml_problems + fit_problems
         if not report.ok:
             failures.append(report.format() + f"\nreport: {path}")
         if failures:
             result.update(failed=True, problems=problems, msg="\n".join(failures) + args.get("failure_note", ""))
         else:
             result["msg"] = report.format().splitlines()[0] + f" (report: {path})"
+        if args.get("record"):
+            _record(args["record"], None if failures else {h: judged_digest(r) for h, r in inspections.items()},
+                    str(path))
         return result
+
+
+def _failures(problems, yaml_problems, fit_problems):
+    failures = ["preflight failed:\n" + "\n".join(f"- {p}" for p in problems)] if problems else []
+    if yaml_problems:
+        failures.append("the training yaml does not fit the nodes' LLaMA-Factory:\n"
+                        + "\n".join(f"- {p}" for p in yaml_problems))
+    if fit_problems:
+        failures.append("a node's GPUs cannot hold the run (memory per GPU, estimated):\n"
+                        + "\n".join(f"- {p}" for p in fit_problems))
+    return failures
+
+
+def _record(record, digests, report_path):
+    """A launch judged good: its key and every node's digest (``rules.judged_digest``), which the next launch
+    with the same key reuses where every node's facts are unchanged (roles/train, the one-wave start); a
+    launch judged bad removes the record."""
+    target = record["path"]
+    if digests is None:
+        if os.path.exists(target):
+            os.unlink(target)
+        return
+    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        json.dump({"key": record["key"], "nodes": digests, "report": report_path}, fh)
+    os.replace(tmp, target)

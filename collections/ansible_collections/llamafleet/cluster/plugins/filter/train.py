@@ -4,10 +4,14 @@ secret part of train_env and the run id / job name checks, by the llamafleet pac
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401
 
 from llamafleet.launchplan import split_secrets
 from llamafleet.names import name_problem
+from llamafleet.preflight import clock_bounds
 
 
 def secret_env(env):
@@ -25,11 +29,27 @@ def name_problems(values, required=()):
     return missing + [p for p in (name_problem(v, k) for k, v in values.items() if v not in (None, "")) if p]
 
 
+def _starts(hostvars, hosts):
+    """Each host's start result (``__train_start``), None where the start did not run (or was skipped)."""
+    out = {}
+    for host in hosts:
+        res = hostvars[host].get("__train_start")
+        out[host] = None if res is None or res.get("skipped") else res
+    return out
+
+
+def fast_fell_back(hostvars, hosts):
+    """True when the one-wave start (``fast_digest``) ran on every host and every host fell back, nothing
+    started anywhere: the launch goes on with the check, the judgement and the start (roles/train full.yml)."""
+    starts = _starts(hostvars, hosts)
+    return bool(starts) and all(res is not None and res.get("fallback") for res in starts.values())
+
+
 def failed_starts(hostvars, hosts):
     """``host: reason`` for every host whose start failed or that could not be reached; empty when the start
-    ran nowhere (the launch failed before it: the check, a transfer)."""
-    starts = {host: hostvars[host].get("__train_start") for host in hosts}
-    if all(res is None for res in starts.values()):
+    ran nowhere (the launch failed before it: the check, a transfer) or the one-wave start fell back everywhere."""
+    starts = _starts(hostvars, hosts)
+    if all(res is None for res in starts.values()) or fast_fell_back(hostvars, hosts):
         return []
     out = []
     for host, res in starts.items():
@@ -37,9 +57,31 @@ def failed_starts(hostvars, hosts):
             out.append(f"{host}: not started (the node dropped out of the play)")
         elif res.get("unreachable"):
             out.append(f"{host}: unreachable: {res.get('msg', '')}".strip())
+        elif res.get("fallback") and not res.get("run"):
+            out.append(f"{host}: did not start while other nodes did ({res['fallback']})")
         elif res.get("failed") or (res.get("msg") and not res.get("run")):
             out.append(f"{host}: {res.get('msg', 'did not start')}")
     return out
+
+
+def judgment_key(value):
+    """What a launch judgement depends on besides the nodes' own facts (lock, cluster, the yaml's arguments, the
+    model, the clock allowance), as one digest."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def judged(path, key, hosts):
+    """Each host's digest from the last launch judged good (``action/parity.py`` records it), when that launch
+    had the same ``key`` and judged every one of ``hosts``; else empty (no one-wave start)."""
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    nodes = record.get("nodes") if isinstance(record, dict) and record.get("key") == key else None
+    if not isinstance(nodes, dict) or any(not nodes.get(h) for h in hosts):
+        return {}
+    return {h: nodes[h] for h in hosts}
 
 
 def inputs_transfers(hostvars, plan, hosts, results_var="__train_prepared"):
@@ -70,6 +112,8 @@ def lacking_hub(hostvars, hosts, results_var="__train_prepared"):
 
 class FilterModule:
     def filters(self):
-        return {"failed_starts": failed_starts, "lacking_hub": lacking_hub, "inputs_transfers": inputs_transfers,
+        return {"failed_starts": failed_starts, "lacking_hub": lacking_hub, "fast_fell_back": fast_fell_back,
+                "judgment_key": judgment_key, "judged": judged,
+                "clock_bounds": lambda skew: list(clock_bounds(skew)), "inputs_transfers": inputs_transfers,
                 "collect_transfers": collect_transfers,
                 "secret_env": secret_env, "name_problems": name_problems}

@@ -145,3 +145,17 @@ def verified_files(cache, dest, manifest):
         if st.st_size == int(want["size"]) and cache.sha256(full, st) == want["sha256"]:
             have.add(rel)
     return have
+
+
+# What a node's launch check reports that changes from one launch to the next without changing the judgement
+# of the cluster (the clock is judged anew at every launch, the disk by the node's own check).
+VOLATILE_FACTS = ("time", "clock_offset_s", "disk_free_gb")
+
+
+def judged_digest(result):
+    """A digest of what the launch judgement compares across nodes in a node's check ``result`` (its node
+    facts but the volatile ones, its stack state, its model's fingerprint): equal digests, equal judgement."""
+    node = dict((k, v) for k, v in (result.get("node") or {}).items() if k not in VOLATILE_FACTS)
+    body = json.dumps({"node": node, "stack": result.get("stack"), "model": result.get("model")}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(body.encode()).hexdigest()

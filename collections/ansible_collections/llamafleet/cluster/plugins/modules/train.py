@@ -204,6 +204,22 @@ options:
     description: With C(started), seconds between TERM and KILL when the supervisors stop a failed run.
     type: float
     default: 1
+  fast_digest:
+    description: With C(started), the one-wave launch - this node's digest as the last launch judged good on the
+      same key judged it (C(rules.judged_digest)). The node runs the C(prepared) check itself (so it takes all of
+      its options too), every node tells the master over the rendezvous port whether it can start, and nothing
+      starts anywhere unless all can; otherwise the result carries C(fallback) and nothing has started.
+    type: str
+    default: ''
+  clock_bounds:
+    description: With C(fast_digest), the allowed clock offset from the controller, low and high, in seconds.
+    type: list
+    elements: float
+    default: []
+  fast_timeout_s:
+    description: With C(fast_digest), seconds the master waits for every worker's answer (then it falls back).
+    type: float
+    default: 10
 """
 
 EXAMPLES = r"""
@@ -218,9 +234,16 @@ run:
   description: Run id, state (running, exited, stopped, absent), pid, exit code, log tail, progress.
   returned: always
   type: dict
+fallback:
+  description: With C(fast_digest), why the one-wave launch did not start (this node's or another's reason);
+    nothing started on any node.
+  returned: when it did not start
+  type: str
 """
 
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -234,7 +257,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck import fingerprint
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import nccl_interfaces, node_facts
-from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import HashCache
+from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import HashCache, judged_digest
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 ACTIVE = "active"
@@ -439,12 +462,21 @@ def _master_port_problems(p):
 
 
 def _prepare(module, p, host):
-    problems = []
-    root = p["root"]
     if p["master"] and p["run_id"]:
         held = _take_launch_lock(p)
         if held:  # nothing else is looked at: the other launch's state is not this one's to judge
             module.fail_json(msg="%s: %s" % (host, held), problems=[held], inputs_differ=[])
+    problems, out = _inspect(p)
+    if problems:
+        module.fail_json(msg="%s: %s" % (host, "; ".join(problems)), problems=problems, **out)
+    module.exit_json(changed=False, **out)
+
+
+def _inspect(p):
+    """The node's check before a launch: problems that stop it here, and what the controller judges (node facts,
+    stack state, model fingerprint, hub repositories missing, inputs that differ, the last checkpoint)."""
+    problems = []
+    root = p["root"]
     replacing = _replaced_run(p)
     active = _active_run(root)
     if active and not replacing and _run_state(root, active, log_lines=0)["state"] == "running":
@@ -478,9 +510,7 @@ def _prepare(module, p, host):
     out.update(_hub_and_model(p))
     # a resume continues from the master's last complete checkpoint of this run
     out["checkpoint"] = _last_checkpoint(os.path.join(root, "runs", p["run_id"], "output")) if p["run_id"] else None
-    if problems:
-        module.fail_json(msg="%s: %s" % (host, "; ".join(problems)), problems=problems, **out)
-    module.exit_json(changed=False, **out)
+    return problems, out
 
 
 def _hub_and_model(p):
@@ -575,6 +605,126 @@ def _worker_check(module, p, host, deadline):
     module.fail_json(msg="%s: cannot reach the master's rendezvous address %s:%d (%s); check "
                          "llamafleet_train_addr of the master and the firewall between the nodes"
                          % (host, p["master_addr"], p["master_port"], err))
+
+
+def _fast_refusal(p):
+    """Why this node cannot start in the one-wave launch (None: it can): the launch lock (master), any problem of
+    its check, inputs or hub repositories it lacks, facts that differ from those the last judged launch judged
+    (``rules.judged_digest``), a clock outside the allowance. The launch then goes the full way (check, judge,
+    transfers, start), which names the problem."""
+    if p["master"] and p["run_id"]:
+        held = _take_launch_lock(p)
+        if held:
+            return held
+    problems, out = _inspect(p)
+    if problems:
+        return "; ".join(problems)
+    if out["inputs_differ"] or out.get("hub_missing"):
+        return "it lacks inputs (%s)" % ", ".join((out["inputs_differ"] or out.get("hub_missing"))[:3])
+    if judged_digest(out) != p["fast_digest"]:
+        return "its facts differ from those the last judged launch judged"
+    offset = (out.get("node") or {}).get("clock_offset_s")
+    low, high = p["clock_bounds"] or (None, None)
+    if offset is not None and low is not None and not low <= offset <= high:
+        return "its clock is %+.1f s off the controller's" % offset
+    return None
+
+
+def _sign(p, *parts):
+    return hmac.new(p["supervisor_secret"].encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _fast_barrier(p, host, refusal):
+    """The one-wave launch's all-or-nothing decision, before anything starts: every worker tells the master (over
+    the rendezvous port, signed with the launch's secret) whether it can start; the master answers each ``go``
+    only when all can and it can too. Returns None (go) or why not."""
+    deadline = time.time() + p["fast_timeout_s"]
+    return (_fast_master if p["master"] else _fast_worker)(p, host, refusal, deadline)
+
+
+def _fast_master(p, host, refusal, deadline):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("", p["master_port"]))
+    except OSError as exc:
+        s.close()
+        return refusal or "the rendezvous port %d is in use (%s)" % (p["master_port"], exc.strerror)
+    s.listen(max(64, p["workers"]))
+    s.settimeout(0.2)
+    nonce, answers = os.urandom(16).hex(), {}
+    conns = []
+    try:
+        while len(answers) < p["workers"] and time.time() < deadline:
+            try:
+                conn, _addr = s.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(max(0.5, deadline - time.time()))
+            try:
+                conn.sendall(("LLAMAFLEET-FAST %s %s\n" % (p["run_id"], nonce)).encode())
+                name, answer, mac = conn.makefile("rb").readline(4096).decode("utf-8", "replace").rstrip("\n").split("\t")
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            if not hmac.compare_digest(mac, _sign(p, "worker", nonce, name, answer)) or name in answers:
+                conn.close()  # not a worker of this launch: not counted
+                continue
+            answers[name] = answer
+            conns.append((name, conn))
+        why = refusal or next(("%s: %s" % (n, a) for n, a in sorted(answers.items()) if a != "ok"), None)
+        if why is None and len(answers) < p["workers"]:
+            why = "only %d of %d workers answered within %gs" % (len(answers), p["workers"], p["fast_timeout_s"])
+        verdict = "go" if why is None else "no"
+        for name, conn in conns:
+            try:
+                conn.sendall(("%s\t%s\n" % (verdict, _sign(p, "master", nonce, name, verdict))).encode())
+            except OSError:
+                why = why or "%s did not get the answer" % name
+    finally:
+        for _name, conn in conns:
+            conn.close()
+        s.close()
+    return why
+
+
+def _fast_worker(p, host, refusal, deadline):
+    if refusal:  # told to the master, which then starts no one; a master that does not listen is not waited for
+        deadline = min(deadline, time.time() + 2)
+    name, answer = p["node_name"] or host, ("no: " + refusal) if refusal else "ok"
+    while time.time() < deadline:
+        try:
+            conn = socket.create_connection((p["master_addr"], p["master_port"]), timeout=1)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        try:
+            conn.settimeout(min(3.0, max(0.5, deadline - time.time())))  # the master greets at once
+            rfile = conn.makefile("rb")
+            greeting = rfile.readline(4096).decode("utf-8", "replace").split()
+            if len(greeting) != 3 or greeting[:2] != ["LLAMAFLEET-FAST", p["run_id"]]:
+                return refusal or "something else answers on the master's rendezvous port"
+            nonce = greeting[2]
+            conn.sendall(("%s\t%s\t%s\n" % (name, answer, _sign(p, "worker", nonce, name, answer))).encode())
+            conn.settimeout(max(1.0, deadline - time.time()) + 5)
+            verdict, mac = rfile.readline(4096).decode("utf-8", "replace").rstrip("\n").split("\t")
+        except (OSError, ValueError):
+            return refusal or "the master did not answer"
+        finally:
+            conn.close()
+        if verdict == "go" and hmac.compare_digest(mac, _sign(p, "master", nonce, name, verdict)) and not refusal:
+            return None
+        return refusal or "the master or another node cannot start"
+    return refusal or "the master's rendezvous port did not answer within %gs" % p["fast_timeout_s"]
+
+
+def _fast_start(module, p, host):
+    """One task per node: the check, the all-or-nothing decision at the rendezvous port, the start. Nothing
+    starts anywhere unless every node can; then the result says ``fallback`` and the launch goes the full way."""
+    why = _fast_barrier(p, host, _fast_refusal(p))
+    if why:
+        module.exit_json(changed=False, fallback=why)
+    _start(module, p, host, rendezvous=False)
 
 
 def _output_marker(p):
@@ -683,7 +833,7 @@ def _launch_script(p, run_dir):
     ])
 
 
-def _start(module, p, host):
+def _start(module, p, host, rendezvous=True):
     root, run_id = p["root"], p["run_id"]
     run_dir = os.path.join(root, "runs", run_id)
     if p["manifest"]:
@@ -700,7 +850,7 @@ def _start(module, p, host):
                              "and _ (train_env)" % (host, bad[0]))
     if p["shared_output_dir"]:
         _prepare_output(module, p, host, run_dir)
-    if p["workers"] and p["master_addr"]:
+    if rendezvous and p["workers"] and p["master_addr"]:
         _rendezvous_check(module, p, host)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)  # it holds node.env with the run's secrets
@@ -780,58 +930,66 @@ def _stop_or_report(module, p):
                                                    progress_file=p["progress_file"] if p["master"] else None))
 
 
+ARGUMENT_SPEC = dict(
+    state=dict(type="str", required=True, choices=["prepared", "started", "status", "stopped", "released"]),
+    launched_by=dict(type="str", default=""),
+    root=dict(type="path", required=True),
+    run_id=dict(type="str", default=""),
+    inputs_dir=dict(type="path"),
+    manifest=dict(type="dict", default={}),
+    files=dict(type="dict", default={}),
+    secret_env=dict(type="dict", default={}, no_log=True),
+    command=dict(type="list", elements="str", default=[]),
+    master=dict(type="bool", default=False),
+    master_addr=dict(type="str", default=""),
+    master_port=dict(type="int", default=29500),
+    workers=dict(type="int", default=0),
+    nccl_socket_ifname=dict(type="str"),
+    min_disk_gb=dict(type="float", default=1.0),
+    replace=dict(type="bool", default=False),
+    grace_s=dict(type="int", default=20),
+    log_lines=dict(type="int", default=20),
+    progress_file=dict(type="str", default="output/trainer_log.jsonl"),
+    resume_checkpoint=dict(type="str", default=""),
+    connect_timeout_s=dict(type="int", default=60),
+    shared_inputs=dict(type="bool", default=False),
+    venv_name=dict(type="str"),
+    python=dict(type="str", default="python3"),
+    python_minor=dict(type="str"),
+    requirements=dict(type="list", elements="list", default=[]),
+    strip=dict(type="dict", default={}),
+    gpu_expected=dict(type="bool", default=False),
+    controller_time=dict(type="float"),
+    model_check=dict(type="dict"),
+    hub_items=dict(type="list", elements="dict", default=[]),
+    hub_cache_dir=dict(type="path"),
+    shared_output_dir=dict(type="path"),
+    output_token=dict(type="str", default=""),
+    node_name=dict(type="str", default=""),
+    peers=dict(type="list", elements="str", default=[]),
+    supervisor_secret=dict(type="str", default="", no_log=True),
+    peer_timeout_s=dict(type="float", default=30),
+    stall_timeout_s=dict(type="float", default=1800),
+    activity=dict(type="str", default="training", choices=["training", "fabric"]),
+    start_timeout_s=dict(type="float", default=900),
+    fail_grace_s=dict(type="float", default=1),
+    fast_digest=dict(type="str", default=""),
+    clock_bounds=dict(type="list", elements="float", default=[]),
+    fast_timeout_s=dict(type="float", default=10),
+)
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            state=dict(type="str", required=True, choices=["prepared", "started", "status", "stopped", "released"]),
-            launched_by=dict(type="str", default=""),
-            root=dict(type="path", required=True),
-            run_id=dict(type="str", default=""),
-            inputs_dir=dict(type="path"),
-            manifest=dict(type="dict", default={}),
-            files=dict(type="dict", default={}),
-            secret_env=dict(type="dict", default={}, no_log=True),
-            command=dict(type="list", elements="str", default=[]),
-            master=dict(type="bool", default=False),
-            master_addr=dict(type="str", default=""),
-            master_port=dict(type="int", default=29500),
-            workers=dict(type="int", default=0),
-            nccl_socket_ifname=dict(type="str"),
-            min_disk_gb=dict(type="float", default=1.0),
-            replace=dict(type="bool", default=False),
-            grace_s=dict(type="int", default=20),
-            log_lines=dict(type="int", default=20),
-            progress_file=dict(type="str", default="output/trainer_log.jsonl"),
-            resume_checkpoint=dict(type="str", default=""),
-            connect_timeout_s=dict(type="int", default=60),
-            shared_inputs=dict(type="bool", default=False),
-            venv_name=dict(type="str"),
-            python=dict(type="str", default="python3"),
-            python_minor=dict(type="str"),
-            requirements=dict(type="list", elements="list", default=[]),
-            strip=dict(type="dict", default={}),
-            gpu_expected=dict(type="bool", default=False),
-            controller_time=dict(type="float"),
-            model_check=dict(type="dict"),
-            hub_items=dict(type="list", elements="dict", default=[]),
-            hub_cache_dir=dict(type="path"),
-            shared_output_dir=dict(type="path"),
-            output_token=dict(type="str", default=""),
-            node_name=dict(type="str", default=""),
-            peers=dict(type="list", elements="str", default=[]),
-            supervisor_secret=dict(type="str", default="", no_log=True),
-            peer_timeout_s=dict(type="float", default=30),
-            stall_timeout_s=dict(type="float", default=1800),
-            activity=dict(type="str", default="training", choices=["training", "fabric"]),
-            start_timeout_s=dict(type="float", default=900),
-            fail_grace_s=dict(type="float", default=1),
-        ),
+        argument_spec=ARGUMENT_SPEC,
         supports_check_mode=False,
     )
     p = module.params
     host = socket.gethostname()
     if p["state"] == "prepared":
         _prepare(module, p, host)
+    if p["state"] == "started" and p["fast_digest"]:
+        _fast_start(module, p, host)
     if p["state"] == "started":
         _start(module, p, host)
     if p["state"] == "released":

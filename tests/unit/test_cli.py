@@ -214,3 +214,22 @@ def test_a_rank_that_aborts_in_cxx_shows_its_abort_line_not_only_torchruns_signa
     plain = ("Traceback (most recent call last):", "ValueError: Cannot find dataset_info.json", "exit")
     assert training._telling_lines(plain) == ["Traceback (most recent call last):",
                                                "ValueError: Cannot find dataset_info.json"]
+
+
+def test_full_check_makes_the_launch_go_the_full_way(monkeypatch, tmp_path):
+    """--full-check reaches the playbook as train_fast false (no one-wave start); without it the inventory decides."""
+    from llamafleet import cli
+
+    seen = []
+
+    def stop_here(*_args, **kw):
+        seen.append(kw["extravars"])
+        raise KeyboardInterrupt  # nothing runs: the CLI answers 130
+
+    monkeypatch.setattr(training, "run_playbook", stop_here)
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("stage: sft\n")
+    for argv, want in ((["--full-check"], False), ([], None)):
+        seen.clear()
+        assert cli.main(["train", "-i", "inventory/local", str(cfg), "--json", *argv]) == 130
+        assert seen[0].get("train_fast") is want

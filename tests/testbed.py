@@ -232,16 +232,17 @@ class Testbed:
         finally:
             subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], check=False)
 
-    def kill_relay_when_receiving(self, node: str | TestNode, root: pathlib.Path, stop: threading.Event) -> None:
-        """SIGKILL ``node``'s fan-out relay (under its llamafleet ``root``) once it has received bytes, or give up
-        when ``stop`` is set; for a thread beside a transfer."""
+    def kill_relay_when_receiving(self, node: str | TestNode, root: pathlib.Path, stop: threading.Event,
+                                  min_bytes: int = 1) -> None:
+        """SIGKILL ``node``'s fan-out relay (under its llamafleet ``root``) once it has received ``min_bytes``, or
+        give up when ``stop`` is set; for a thread beside a transfer."""
         while not stop.is_set():
             for status in (root / "fanout").glob("*/status.json"):
                 try:
                     st = json.loads(status.read_text())
                 except ValueError:
                     continue
-                if st.get("state") == "receiving" and st.get("bytes", 0) > 0:
+                if st.get("state") == "receiving" and st.get("bytes", 0) >= min_bytes:
                     self.ssh(node, f"kill -9 {int(st['pid'])}", check=False)
                     return
             time.sleep(0.02)

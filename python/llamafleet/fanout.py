@@ -82,7 +82,7 @@ def receivers(hostvars: Mapping[str, Any], hosts: Sequence[str], register: str) 
         res = (hostvars.get(host) or {}).get(register) or {}
         if res.get("port"):
             out.append({"name": host, "addr": res["addr"], "port": res["port"], "missing": res["missing"],
-                        "relay": res["relay"], "python": res["python"]})
+                        "partial": res.get("partial") or {}, "relay": res["relay"], "python": res["python"]})
     return out
 
 
@@ -95,13 +95,18 @@ def route(hostvars: Mapping[str, Any], manifest: Mapping[str, Mapping[str, Any]]
 
 def chain_and_files(nodes: Sequence[Mapping[str, Any]], files: Mapping[str, Mapping[str, Any]]):
     """The chain (nodes that miss something, in order) and the stream's file entries (what some node misses,
-    each with the nodes that want it)."""
+    each with the nodes that want it, and the offset it resumes from: the fewest bytes any of them holds of it in a
+    part file a broken-off transfer left, so every one of them can append)."""
     chain = [n for n in nodes if n.get("missing")]
     wanted: dict[str, list[str]] = {}
+    offset: dict[str, int] = {}
     for n in chain:
         for rel in n["missing"]:
             wanted.setdefault(rel, []).append(n["name"])
-    entries = [dict(files[rel], path=rel, to=wanted[rel]) for rel in sorted(wanted)]
+            held = min(int((n.get("partial") or {}).get(rel) or 0), int(files[rel]["size"]))
+            offset[rel] = min(offset.get(rel, held), held)
+    entries = [dict(files[rel], path=rel, to=wanted[rel], **({"offset": offset[rel]} if offset[rel] else {}))
+               for rel in sorted(wanted)]
     return [{"name": n["name"], "addr": n["addr"], "port": n["port"]} for n in chain], entries
 
 
@@ -127,7 +132,8 @@ def send(ssh_argv: Sequence[str], relay_py: str, python: str, chain: Sequence[Ma
         conn.close()
     proc.wait(timeout=60)
     return {"bytes": sent, "seconds": round(time.monotonic() - t0, 3), "first": first["name"],
-            "chain": [n["name"] for n in chain], "acks": acks}
+            "chain": [n["name"] for n in chain], "acks": acks,
+            "resumed_bytes": sum(int(e.get("offset") or 0) for e in entries)}
 
 
 def push(inventory: str | os.PathLike, src: str | os.PathLike, dest: str, *, nodes: Sequence[str] | None = None,

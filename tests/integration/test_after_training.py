@@ -158,10 +158,22 @@ def test_the_adapter_and_the_export_are_served_with_a_key_and_answer(testbed, tw
     assert proc.returncode == 0 and not _server_processes(trained.run_id), proc.stdout + proc.stderr
 
 
-def test_a_run_without_an_adapter_is_not_served(two_nodes, trained, cli):
+def test_a_run_without_an_adapter_is_not_served(default_stack, two_nodes, trained, cli):
     proc = cli("serve", "no-such-run", "-i", str(two_nodes))
     assert proc.returncode == 1 and "run no-such-run is not on this node" in proc.stdout, proc.stdout + proc.stderr
     assert not _server_processes("no-such-run")
+    # a run that exists but saved no adapter (stopped before its first save): one message naming the directory
+    output = default_stack[1] / "node1" / "runs" / trained.run_id / "output"
+    config = output / "adapter_config.json"
+    config.rename(output / "adapter_config.json.away")
+    try:
+        proc = cli("serve", trained.run_id, "-i", str(two_nodes))
+    finally:
+        (output / "adapter_config.json.away").rename(config)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert f"run {trained.run_id} has no adapter in {output} (no adapter_config.json, and no config.json" in out, out
+    assert not _server_processes(trained.run_id)
 
 
 def test_vllm_on_a_cpu_stack_is_one_message_naming_the_api_backend(two_nodes, trained, cli):
@@ -170,3 +182,20 @@ def test_vllm_on_a_cpu_stack_is_one_message_naming_the_api_backend(two_nodes, tr
     assert proc.returncode == 1 and "Traceback" not in out, out
     assert "no vllm serving stack for flavor cpu" in out and "--backend api" in out and "nothing was started" in out, out
     assert not _server_processes(trained.run_id)
+
+
+def test_a_full_fine_tuning_run_serves_the_model_it_saved(two_nodes, job):
+    """No adapter: a full fine-tuning run saved a whole model, and that model is what is served."""
+    full = train(two_nodes, variant(job, "fullft", finetuning_type="full", max_steps=2, save_steps=100),
+                 workdir=job.parents[1], follow_run=True, poll_s=2)
+    assert full.ok, full.format()
+    result = serve(two_nodes, full.run_id, port=18004)
+    try:
+        assert result.ok, result.format()
+        (server,) = result.servers
+        key = Path(result.api_key_file).read_text().strip()
+        status, answer = _ask(server.endpoint, key, full.run_id)
+        assert status == 200 and isinstance(answer["choices"][0]["message"]["content"], str), answer
+    finally:
+        stopped = serve_stop(two_nodes, full.run_id)
+    assert stopped.ok and not _server_processes(full.run_id)

@@ -2,7 +2,7 @@
 
 The controller streams a dataset and a model once, into the first node; the nodes pass it on to each other over
 the training network. Every node's copy equals the controller's manifest; a re-run moves only what is missing;
-a node killed mid-transfer is named and no half-copied file is left; the relay refuses a peer without the
+a node killed mid-transfer is named, no half-copied file is left and the re-run resumes the file it was in; the relay refuses a peer without the
 transfer's credential, and nothing listens once a transfer is over.
 """
 
@@ -99,10 +99,24 @@ def test_every_node_gets_the_controllers_manifest_and_a_rerun_moves_only_what_is
     assert third.ok and next(iter(third.results["fanout_send"].values()))["bytes"] == 0
 
 
-def test_a_node_killed_mid_transfer_is_named_and_no_half_copied_file_is_left(four, inv, tmp_path):
+def _parts(dest: Path, src: Path) -> dict[str, int]:
+    """The part files a broken-off transfer left in dest (relative path of the file -> bytes held); each must be
+    the first bytes of the controller's file."""
+    held = {}
+    for part in dest.rglob("*.fanout-part"):
+        rel = (part.parent / part.name[1:].rsplit(".", 2)[0]).relative_to(dest).as_posix()
+        data = part.read_bytes()
+        assert (src / rel).read_bytes()[:len(data)] == data, part
+        held[rel] = len(data)
+    return held
+
+
+def test_a_node_killed_mid_transfer_is_named_no_half_copied_file_is_left_and_the_rerun_resumes_it(four, inv, tmp_path):
     src = _payload(tmp_path)
     stop = threading.Event()
-    killer = threading.Thread(target=four.kill_relay_when_receiving, args=("node3", tmp_path / "roots" / "node3", stop))
+    # killed 8 MiB in: inside the first 24 MiB shard, so what node3 (and node4 after it) received of it is kept
+    killer = threading.Thread(target=four.kill_relay_when_receiving,
+                              args=("node3", tmp_path / "roots" / "node3", stop, 8 << 20))
     killer.start()
     # node1 receives at 80 Mbit/s: the transfer lasts a few seconds, long enough to kill node3's relay in it
     try:
@@ -115,16 +129,27 @@ def test_a_node_killed_mid_transfer_is_named_and_no_half_copied_file_is_left(fou
     assert not result.ok
     assert "node3: fan-out incomplete" in text, text
     assert "node4: fan-out incomplete" in text and "ended early" in text, text  # after node3: its stream ended
+    assert "MiB received are kept for the next transfer to resume from" in text, text
+    want, wanting, held = _tree(src), {}, {}
     for n in four.nodes:
         dest = tmp_path / "roots" / n.name / DEST
-        assert not list(dest.rglob("*.fanout-part")), n.name  # no half-copied file, anywhere
+        have = _tree(dest)  # no half-copied file, anywhere: only verified files under their names
+        assert all(have[rel] == want[rel] for rel in have), n.name
+        for rel in set(want) - set(have):
+            wanting.setdefault(rel, []).append(n.name)
+        held[n.name] = _parts(dest, src)
         assert _listening(four, n) == "0", n.name
-    # the re-run completes what is missing, and only that
+    assert held["node3"], held  # killed inside a file: its first bytes are kept
+    # the re-run completes what is missing, and only that, each file from the least any wanting node holds
+    resumes = sum(min(held[n].get(rel, 0) for n in nodes) for rel, nodes in wanting.items())
     again = fanout.push(inv, src, DEST)
     assert again.ok, "\n".join(again.failure_messages())
-    assert next(iter(again.results["fanout_send"].values()))["chain"] in (["node3", "node4"], ["node2", "node3", "node4"])
+    sent = next(iter(again.results["fanout_send"].values()))
+    assert sent["chain"] in (["node3", "node4"], ["node2", "node3", "node4"])
+    assert sent["resumed_bytes"] == resumes and sent["bytes"] == sum((src / r).stat().st_size for r in wanting) - resumes
     for n in four.nodes:
-        assert _tree(tmp_path / "roots" / n.name / DEST) == _tree(src)
+        assert _tree(tmp_path / "roots" / n.name / DEST) == want
+        assert not list((tmp_path / "roots" / n.name / DEST).rglob("*.fanout-part")), n.name
 
 
 def test_the_relay_refuses_a_peer_without_the_transfers_credential(four, tmp_path):

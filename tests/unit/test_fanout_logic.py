@@ -28,7 +28,7 @@ def _src(tmp_path):
     (src / "model").mkdir(parents=True)
     (src / "model" / "a.bin").write_bytes(os.urandom(3 << 20))
     (src / "data.json").write_text("[1, 2, 3]")
-    (src / "model" / ".b.bin.fanout-part").write_bytes(b"half")  # a killed relay's part file is never in a manifest
+    (src / "model" / ".b.bin.0123456789abcdef.fanout-part").write_bytes(b"half")  # a part is never in a manifest
     return src
 
 
@@ -155,6 +155,72 @@ def test_a_file_whose_bytes_do_not_match_the_manifest_is_not_kept(tmp_path):
     assert acks[0]["bad"] == ["data.json"] and not acks[0]["complete"]
     assert _status(relay)["bad"] == ["data.json"] and not (tmp_path / "n1" / "data.json").exists()
     assert not list((tmp_path / "n1").glob(".*.fanout-part"))
+
+
+def test_the_stream_resumes_each_file_from_the_least_any_wanting_node_holds_of_it():
+    files = {"a": {"size": 100, "sha256": "x"}, "b": {"size": 50, "sha256": "y"}}
+    nodes = [{"name": "n1", "addr": "10.0.0.1", "port": 1, "missing": ["a", "b"], "partial": {"a": 60, "b": 50}},
+             {"name": "n2", "addr": "10.0.0.2", "port": 2, "missing": ["a"], "partial": {"a": 40}},
+             {"name": "n3", "addr": "10.0.0.3", "port": 3, "missing": ["b"]}]
+    _chain, entries = fanout.chain_and_files(nodes, files)
+    assert entries == [{"path": "a", "size": 100, "sha256": "x", "to": ["n1", "n2"], "offset": 40},
+                       {"path": "b", "size": 50, "sha256": "y", "to": ["n1", "n3"]}]  # n3 holds none of b
+
+
+def _break_off(relay, entry, src, nbytes):
+    """A sender that streams ``nbytes`` of one file, then drops the connection (a cut link, a killed sender)."""
+    conn = _open(relay)
+    protocol.client_handshake(conn, b"s3cret")
+    protocol.send_frame(conn, {"chain": []})
+    protocol.send_frame(conn, entry)
+    conn.write((src / entry["path"]).read_bytes()[:nbytes])
+    conn.close()
+    relay["thread"].join(10)
+
+
+def test_a_file_a_broken_off_stream_left_is_resumed_where_its_part_ends_and_verified_whole(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    (entry,) = [e for e in fanout.chain_and_files([{"name": "n1", "addr": "", "port": 0, "missing": ["model/a.bin"]}],
+                                                  files)[1]]
+    first = _relay(tmp_path, "n1")
+    _break_off(first, entry, src, 1 << 20)
+    assert _status(first)["state"] == "failed" and "ended early" in _status(first)["error"]
+    dest = tmp_path / "n1"
+    assert not (dest / "model" / "a.bin").exists()  # never a half-copied file: only the hidden part
+    held = protocol.resumable_parts(str(dest), files)
+    assert 0 < held["model/a.bin"] <= 1 << 20 and set(held) == {"model/a.bin"}
+    # the next transfer sends only the rest; the relay hashes the part's bytes first, then appends
+    again = _relay(tmp_path, "n1b", root=str(tmp_path / "root"), manifest=files)
+    shutil.move(str(dest), str(tmp_path / "n1b"))
+    nodes = [dict(again, missing=sorted(files), partial=held)]
+    chain, entries = fanout.chain_and_files(nodes, files)
+    sent, acks = protocol.send(_open(again), b"s3cret", chain[1:], entries, str(src))
+    again["thread"].join(10)
+    assert sent == sum(f["size"] for f in files.values()) - held["model/a.bin"]
+    assert acks[0]["resumed"] == {"model/a.bin": held["model/a.bin"]} and acks[0]["complete"] and not acks[0]["bad"]
+    assert (tmp_path / "n1b" / "model" / "a.bin").read_bytes() == (src / "model" / "a.bin").read_bytes()
+    assert not list((tmp_path / "n1b").rglob("*.fanout-part"))
+
+
+def test_a_part_whose_bytes_are_wrong_fails_the_file_whole_and_is_dropped(tmp_path):
+    src = _src(tmp_path)
+    files = fanout.manifest(src)
+    dest = tmp_path / "n1"
+    full = dest / "model" / "a.bin"
+    full.parent.mkdir(parents=True)
+    part = protocol.part_path(str(full), files["model/a.bin"]["sha256"])
+    open(part, "wb").write(b"\0" * 4096)  # not the file's first bytes
+    stale = protocol.part_path(str(dest / "data.json"), "f" * 64)  # a part of other content
+    open(stale, "wb").write(b"old")
+    held = protocol.resumable_parts(str(dest), files)
+    assert held == {"model/a.bin": 4096} and not os.path.exists(stale)
+    relay = _relay(tmp_path, "n1")
+    chain, entries = fanout.chain_and_files([dict(relay, missing=sorted(files), partial=held)], files)
+    _sent, acks = protocol.send(_open(relay), b"s3cret", chain[1:], entries, str(src))
+    relay["thread"].join(10)
+    assert acks[0]["bad"] == ["model/a.bin"] and not full.exists() and not os.path.exists(part)
+    assert (dest / "data.json").read_text() == "[1, 2, 3]"  # the other file is unaffected
 
 
 def test_a_wrong_credential_is_refused_and_counted_then_the_right_one_is_served(tmp_path):

@@ -10,14 +10,19 @@ time of one copy). Each node runs one relay per transfer (``run`` mode), started
   it holds the transfer's secret (HMAC-SHA256 of a fresh nonce, compared in constant time); any other
   connection is refused and counted. The secret is read and its file deleted when the relay starts; it
   exits when the stream ends or at its deadline: nothing listens after the transfer;
-- a file is written to a hidden part file, its SHA-256 computed on the way, and renamed into place only when
-  it matches the controller's manifest: a file is there whole and verified, or not at all;
+- a file is written to a hidden part file named after its expected SHA-256, its hash computed on the way,
+  and renamed into place only when it matches the controller's manifest: a file is there whole and verified,
+  or not at all. A stream that breaks off leaves the part file: the next transfer starts that file where the
+  part ends (the frame's ``offset``, the least of what the nodes wanting it hold), the relay hashing the part's
+  bytes before it appends; the whole file is verified all the same, so a resumed file is never trusted on its
+  part's word;
 - a successor that cannot be reached or breaks off is recorded (``forward_error``) and this node still
   finishes; a predecessor that breaks off fails this node (``stream ended early``), and the nodes after it
   see their stream end the same way: each names where it stopped.
 
 Stream: 4-byte big-endian length + JSON frames. First ``{"chain": [{"name","addr","port"},...]}`` (the nodes
-after the receiver), then per file ``{"path","size","sha256","to":[names]}`` + ``size`` raw bytes, then
+after the receiver), then per file ``{"path","size","sha256","to":[names],"offset"}`` + ``size - offset`` raw
+bytes (``offset`` 0 when absent), then
 ``{"end": true}``. The answer flows back up the chain once the last node has everything: ``{"acks": [...]}``,
 one outcome per node (``ack``), each node's put before its successors'. A relay whose whole manifest is then on
 its disk, verified (``complete``), has recorded the hashes in the node's hash cache and removed its run
@@ -149,8 +154,43 @@ def safe_path(dest, rel):
     return full
 
 
-def part_path(full):
-    return os.path.join(os.path.dirname(full), ".%s.fanout-part" % os.path.basename(full))
+PART_SUFFIX = ".fanout-part"
+
+
+def part_path(full, sha256):
+    """Where ``full`` is written until it is verified: hidden, and named after the content it must end as (a
+    part of other content is never resumed)."""
+    return os.path.join(os.path.dirname(full), ".%s.%s%s" % (os.path.basename(full), sha256[:16], PART_SUFFIX))
+
+
+def is_part(name):
+    return name.endswith(PART_SUFFIX)
+
+
+def resumable_parts(dest, manifest, prune=True):
+    """Relative path -> bytes held in its part file, for manifest files missing from ``dest`` whose part file is
+    there and no larger than the file; every other part file (other content, a file now complete, too large) is
+    removed when ``prune``."""
+    held = {}
+    wanted = {}
+    for rel, entry in manifest.items():
+        full = os.path.join(dest, rel)
+        wanted[part_path(full, entry["sha256"])] = (rel, int(entry["size"]))
+    for base, _dirs, names in os.walk(dest):
+        for name in names:
+            if not is_part(name):
+                continue
+            full = os.path.join(base, name)
+            rel, size = wanted.get(full, (None, -1))
+            try:
+                have = os.path.getsize(full)
+            except OSError:
+                continue
+            if rel is not None and have <= size:
+                held[rel] = have
+            elif prune:
+                os.unlink(full)
+    return held
 
 
 def write_status(run_dir, status):
@@ -177,7 +217,9 @@ class Relay:
                        "forward_error": None, "next": None, "bytes": 0, "pid": os.getpid(), "error": None,
                        # path -> [size, mtime_ns, sha256] of what this relay verified: the fanout module records
                        # them in the node's hash cache, so nothing it wrote is read again to be verified
-                       "hashed": {}}
+                       "hashed": {},
+                       # path -> bytes of its part file this relay resumed from (not received again)
+                       "resumed": {}}
         self.nxt = None
         self.last_write = 0.0
         write_status(run_dir, self.status)
@@ -236,16 +278,38 @@ class Relay:
                 first["name"], first["addr"], first["port"], exc)
             self.nxt = None
 
+    def _open_part(self, frame, offset):
+        """The part file to append the stream to, its first ``offset`` bytes already hashed into the digest;
+        (None, None) when this node does not want the file or its part no longer holds ``offset`` bytes."""
+        if self.name not in frame.get("to", ()):
+            return None, None
+        full = safe_path(self.dest, frame["path"])
+        part = part_path(full, frame["sha256"])
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        digest = hashlib.sha256()
+        if not offset:
+            return open(part, "wb"), digest
+        try:
+            out = open(part, "r+b")
+        except OSError:
+            return None, None
+        left = offset
+        while left:  # the bytes a broken-off stream left: hashed, so the whole file is verified at the end
+            chunk = out.read(min(CHUNK, left))
+            if not chunk:
+                out.close()
+                return None, None
+            digest.update(chunk)
+            left -= len(chunk)
+        out.truncate(offset)
+        self.status["resumed"][frame["path"]] = offset
+        return out, digest
+
     def _receive_file(self, conn, frame):
         want = self.name in frame.get("to", ())
-        full = safe_path(self.dest, frame["path"])
-        part = part_path(full)
-        out = None
-        if want:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            out = open(part, "wb")
-        digest = hashlib.sha256()
-        left = int(frame["size"])
+        offset = int(frame.get("offset") or 0)
+        out, digest = self._open_part(frame, offset)
+        left = int(frame["size"]) - offset
         try:
             while left:
                 chunk = conn.read(min(CHUNK, left))
@@ -255,17 +319,16 @@ class Relay:
                     out.write(chunk)
                     digest.update(chunk)
                 self._progress(len(chunk))
-        except BaseException:
+        finally:
             if out is not None:
-                out.close()
-                os.unlink(part)  # never a half-copied file, not even as a part
-            raise
-        if out is not None:
-            out.close()
+                out.close()  # a stream that breaks off leaves the part: the next transfer resumes it
         if not want:
             return
-        if digest.hexdigest() != frame["sha256"]:
-            os.unlink(part)
+        full = safe_path(self.dest, frame["path"])
+        part = part_path(full, frame["sha256"])
+        if out is None or digest.hexdigest() != frame["sha256"]:
+            if os.path.exists(part):
+                os.unlink(part)  # not this content: never kept, never resumed
             self.status["bad"].append(frame["path"])
             return
         os.replace(part, full)
@@ -323,7 +386,7 @@ class Relay:
     def ack(self):
         """This node's outcome, as the controller receives it at the end of the stream."""
         out = {k: self.status.get(k) for k in ("node", "state", "complete", "error", "forward_error", "bad", "bytes",
-                                                "refused")}
+                                                "refused", "resumed")}
         times = os.times()
         out["cpu_s"] = round(times.user + times.system, 3)  # where a transfer's time goes (bench/fanout.py)
         return out
@@ -389,7 +452,9 @@ def send(conn, secret, chain, files, src, on_progress=None):
     for entry in files:
         send_frame(conn, entry)
         with open(os.path.join(src, entry["path"]), "rb") as fh:
-            left = int(entry["size"])
+            offset = int(entry.get("offset") or 0)
+            fh.seek(offset)
+            left = int(entry["size"]) - offset
             while left:
                 chunk = fh.read(min(CHUNK, left))
                 if not chunk:

@@ -94,6 +94,11 @@ missing:
   description: The manifest's files this node lacks (C(receive)).
   returned: always
   type: list
+partial:
+  description: Of the missing files, those a broken-off earlier transfer left a part of (relative path -> bytes
+    held); the stream resumes each where the least of the wanting nodes' parts ends (C(receive)).
+  returned: when a relay started
+  type: dict
 port:
   description: The relay's port, or null when nothing is missing (C(receive)).
   returned: always
@@ -137,18 +142,10 @@ def _prune(dest, manifest):
         for name in files:
             full = os.path.join(base, name)
             rel = os.path.relpath(full, dest)
-            if rel not in manifest:
+            if rel not in manifest and not fanout.is_part(name):  # part files: fanout.resumable_parts
                 os.unlink(full)
                 gone.append(rel)
     return sorted(gone)
-
-
-def _drop_parts(dest):
-    """Part files of a relay that was killed: never left behind as half-copied files."""
-    for base, _dirs, files in os.walk(dest):
-        for name in files:
-            if name.endswith(".fanout-part"):
-                os.unlink(os.path.join(base, name))
 
 
 def _source(mod):
@@ -169,6 +166,9 @@ def _write(path, text, mode):
 def _receive(module, p, host, run_dir):
     pruned = _prune(p["dest"], p["manifest"]) if p["prune"] and os.path.isdir(p["dest"]) else []
     missing = sorted(set(p["manifest"]) - _have(p["root"], p["dest"], p["manifest"]))
+    # what a broken-off stream left of a missing file is resumed; any other part file is removed
+    held = fanout.resumable_parts(p["dest"], p["manifest"]) if os.path.isdir(p["dest"]) else {}
+    partial = {rel: held[rel] for rel in missing if held.get(rel)}
     if not missing:
         module.exit_json(changed=bool(pruned), missing=[], port=None, pruned=pruned)
     if not p["secret"]:
@@ -176,7 +176,6 @@ def _receive(module, p, host, run_dir):
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's leftovers
     os.makedirs(run_dir, mode=0o700)
     os.makedirs(p["dest"], exist_ok=True)
-    _drop_parts(p["dest"])
     _write(os.path.join(run_dir, "secret"), p["secret"], 0o600)
     # with root and manifest the relay records what it verified in the node's hash cache and, once the whole
     # manifest is here, says so in its answer up the chain and removes this directory (cleanup)
@@ -199,8 +198,8 @@ def _receive(module, p, host, run_dir):
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir)
     listener.close()
     _write(os.path.join(run_dir, "pid"), str(proc.pid), 0o600)
-    module.exit_json(changed=True, missing=missing, port=port, pid=proc.pid, addr=p["addr"], node=host, pruned=pruned,
-                     relay=os.path.join(run_dir, "fanout.py"), python=sys.executable)
+    module.exit_json(changed=True, missing=missing, partial=partial, port=port, pid=proc.pid, addr=p["addr"], node=host,
+                     pruned=pruned, relay=os.path.join(run_dir, "fanout.py"), python=sys.executable)
 
 
 def _alive(pid):
@@ -246,7 +245,6 @@ def _wait_relay(p, run_dir):
 def _wait(module, p, host, run_dir):
     status = _wait_relay(p, run_dir) if os.path.isdir(run_dir) else {}
     shutil.rmtree(run_dir, ignore_errors=True)  # config and status gone with the relay: nothing is left
-    _drop_parts(p["dest"])
     cache = rules.HashCache(p["root"])
     for rel, (size, mtime_ns, digest) in (status.get("hashed") or {}).items():
         full = os.path.join(p["dest"], rel)
@@ -261,8 +259,11 @@ def _wait(module, p, host, run_dir):
     missing = sorted(set(p["manifest"]) - _have(p["root"], p["dest"], p["manifest"]))
     if missing:
         why = status.get("error") or "no relay ran here"
-        module.fail_json(msg="%s: fan-out incomplete: %d of %d file(s) missing or not verified in %s (first: %s): %s"
-                             % (host, len(missing), len(p["manifest"]), p["dest"], missing[0], why),
+        # a part is never an input (hidden, not in any manifest): it is where the next transfer of it resumes
+        held = sum(fanout.resumable_parts(p["dest"], p["manifest"], prune=False).values()) if os.path.isdir(p["dest"]) else 0
+        kept = "; %.1f MiB received are kept for the next transfer to resume from" % (held / 2**20) if held else ""
+        module.fail_json(msg="%s: fan-out incomplete: %d of %d file(s) missing or not verified in %s (first: %s): %s%s"
+                             % (host, len(missing), len(p["manifest"]), p["dest"], missing[0], why, kept),
                          missing=missing, status=status)
     module.exit_json(changed=bool(status.get("written")), missing=[], status=status)
 
@@ -276,7 +277,7 @@ def _offer(module, p, host):
     for base, _dirs, names in os.walk(p["dest"]):
         for name in names:
             full = os.path.join(base, name)
-            if name.endswith(".fanout-part") or os.path.islink(full):
+            if fanout.is_part(name) or os.path.islink(full):
                 continue
             st = os.stat(full)
             files[os.path.relpath(full, p["dest"])] = {"size": st.st_size, "sha256": cache.sha256(full, st)}
@@ -303,7 +304,8 @@ def _send(module, p, host):
         module.exit_json(changed=False, error="%s: the fan-out stream to %s (%s:%s) broke off (%s)"
                                               % (host, first["name"], first["addr"], first["port"], exc))
     module.exit_json(changed=True, bytes=sent, seconds=round(time.time() - t0, 3), first=first["name"],
-                     chain=[n["name"] for n in chain], files=len(entries), acks=acks)
+                     chain=[n["name"] for n in chain], files=len(entries), acks=acks,
+                     resumed_bytes=sum(int(e.get("offset") or 0) for e in entries))
 
 
 def main():

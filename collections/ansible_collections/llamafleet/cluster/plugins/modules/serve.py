@@ -33,8 +33,8 @@ options:
     type: str
     required: true
   model:
-    description: C(adapter) (the base model with the run's LoRA adapter) or C(export) (the merged model of
-      C(llamafleet export)).
+    description: C(adapter) (the base model with the run's LoRA adapter; for a full or freeze fine-tuning run,
+      the whole model it saved) or C(export) (the merged model of C(llamafleet export)).
     type: str
     choices: [adapter, export]
     default: adapter
@@ -228,11 +228,17 @@ def _api_spec(module, p, host, run_dir, trained):
                                  % (host, tag, export_dir, tag))
         spec["model_name_or_path"] = export_dir
     else:
-        adapter = os.path.join(run_dir, "output")
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            module.fail_json(msg="%s: run %s has no adapter in %s (no adapter_config.json): serve a LoRA run's adapter, "
-                                 "or a full fine-tuning run's output as a model" % (host, tag, adapter))
-        spec.update(model_name_or_path=trained["model_name_or_path"], adapter_name_or_path=adapter, finetuning_type="lora")
+        output = os.path.join(run_dir, "output")
+        if os.path.isfile(os.path.join(output, "adapter_config.json")):
+            spec.update(model_name_or_path=trained["model_name_or_path"], adapter_name_or_path=output,
+                        finetuning_type="lora")
+        elif os.path.isfile(os.path.join(output, "config.json")):
+            # a full or freeze fine-tuning run saved a whole model: that model is what is served
+            spec["model_name_or_path"] = output
+        else:
+            module.fail_json(msg="%s: run %s has no adapter in %s (no adapter_config.json, and no config.json of a "
+                                 "full fine-tuning): it saved nothing yet; continue it (llamafleet train JOB.yaml --run-id %s) "
+                                 "or serve another run" % (host, tag, output, tag))
     for key in ("trust_remote_code",):
         if trained.get(key) is not None:
             spec[key] = trained[key]

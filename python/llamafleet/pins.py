@@ -98,9 +98,37 @@ def verify_cached(stack: Stack, cache_dir: str | os.PathLike, sources: list[str]
     return missing
 
 
+def linux_platforms(machine: str, glibc: str | None) -> tuple[str, ...]:
+    """The wheel platform tags pip takes on a Linux node of this machine (``x86_64``, ``aarch64``) and glibc
+    (``"2.36"``), best first (PEP 600 and its legacy aliases), as ``packaging.tags`` lists them on the node.
+    An unknown glibc is taken as 2.17, the lowest that current wheels are built for."""
+    major, minor = (int(x) for x in (glibc or "2.17").split(".")[:2])
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    tags: list[str] = []
+    for m in range(minor, 4, -1):
+        tags.append(f"manylinux_{major}_{m}_{machine}")
+        if m in legacy:
+            tags.append(f"{legacy[m]}_{machine}")
+    return (*tags, f"linux_{machine}")
+
+
 # What a Linux x86_64 node with glibc >= 2.28 installs: pip takes a wheel of any of these tags.
-LINUX_X86_64 = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                "manylinux_2_5_x86_64", "manylinux1_x86_64", "linux_x86_64")
+LINUX_X86_64 = linux_platforms("x86_64", "2.28")
+
+
+def _target_args(stack: Stack, platforms: tuple[str, ...]) -> list[str]:
+    """pip's options that make it choose files for the nodes (the lock's Python, CPython, their platform),
+    never for the interpreter pip runs under: the controller may be a laptop of another OS or Python."""
+    out = ["--python-version", stack.python, "--implementation", "cp", "--abi", f"cp{stack.python.replace('.', '')}"]
+    for p in platforms:
+        out += ["--platform", p]
+    return out
+
+
+def _wheel_pins(stack: Stack) -> list[str]:
+    """Every pin but the sdists built on the node against its torch."""
+    later = set(stack.build_with_torch)
+    return [r for phase in stack.requirements() for r in phase if canonical_name(r.split("==")[0]) not in later]
 
 
 def dry_run_argv(stack: Stack, python: str, report: str | os.PathLike, target: str | os.PathLike,
@@ -108,15 +136,31 @@ def dry_run_argv(stack: Stack, python: str, report: str | os.PathLike, target: s
     """``pip install --dry-run`` of the lock's wheels (every pin but the sdists built against torch) for the
     nodes' platform and the lock's Python, resolved by pip exactly as a node's install would (``--no-deps``:
     the lock is the closure), without downloading a single wheel (PEP 658 metadata)."""
-    later = set(stack.build_with_torch)
-    pins = [r for phase in stack.requirements() for r in phase if canonical_name(r.split("==")[0]) not in later]
-    ver = stack.python.replace(".", "")
     argv = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--no-input", "--python-version", stack.python, "--implementation", "cp",
-            "--abi", f"cp{ver}", "--target", str(target), "--report", str(report)]
-    for p in platforms:
-        argv += ["--platform", p]
-    return argv + list(stack.pip.args()) + pins
+            "--disable-pip-version-check", "--no-input", *_target_args(stack, platforms),
+            "--target", str(target), "--report", str(report)]
+    return argv + list(stack.pip.args()) + _wheel_pins(stack)
+
+
+def download_argvs(stack: Stack, python: str, dest: str | os.PathLike, platforms: tuple[str, ...],
+                   pip_args: list[str] | None = None, sdist_only: tuple[str, ...] = ()) -> list[list[str]]:
+    """The ``pip download`` commands that fill an offline wheelhouse for nodes of one platform: the lock's
+    wheels for the nodes' Python and platform (binary only: a wrong-platform pick fails here, on the
+    controller, not on a node without an index), then the sdists the nodes build against their torch
+    (``build_with_torch``) and those ``sdist_only`` pins that publish no wheel at all. ``--no-deps``: the
+    lock is the whole closure."""
+    base = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input", "-d", str(dest),
+            *(stack.pip.args() if pip_args is None else pip_args)]
+    source = set(stack.build_with_torch) | {canonical_name(n) for n in sdist_only}
+    pins = [r for phase in stack.requirements() for r in phase]
+    wheels = [r for r in pins if canonical_name(r.split("==")[0]) not in source]
+    sdists = [r for r in pins if canonical_name(r.split("==")[0]) in source]
+    out = []
+    if wheels:
+        out.append([*base, "--only-binary=:all:", *_target_args(stack, platforms), *wheels])
+    if sdists:
+        out.append([*base, "--no-binary=:all:", *sdists])
+    return out
 
 
 def sdist_problems(stack: Stack, sources: list[str] | None = None, timeout: float = 20.0) -> list[str]:
@@ -132,3 +176,21 @@ def sdist_problems(stack: Stack, sources: list[str] | None = None, timeout: floa
         if not any(fn.endswith((".tar.gz", ".zip")) and _file_version(name, fn) == pin for fn in files):
             out.append(f"{name}=={pin} (no sdist to build against the node's torch)")
     return out
+
+
+def sources_of(stack: Stack) -> list[str]:
+    """Where the lock's files come from: its index (PyPI unless set), extra indexes and find-links."""
+    return [stack.pip.index_url or DEFAULT_INDEX, *stack.pip.extra_index_urls, *stack.pip.find_links]
+
+
+def sdist_only(pins: list[str], sources: list[str], timeout: float = 20.0) -> list[str]:
+    """Of ``name==version`` pins, those whose version the sources publish as an sdist and as no wheel at all
+    (a pure-Python project that never uploaded wheels): the wheelhouse carries their sdist."""
+    out = []
+    for pin in pins:
+        name, version = canonical_name(pin.split("==")[0]), pin.split("==", 1)[1]
+        files = [fn for src in sources for fn in _listing(src, name, timeout) if _file_version(name, fn) == version]
+        if files and not any(fn.endswith(".whl") for fn in files):
+            out.append(name)
+    return out
+

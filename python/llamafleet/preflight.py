@@ -64,6 +64,21 @@ def check(stack: Stack, inspections: Mapping[str, Mapping[str, Any]], *, min_dis
     return problems
 
 
+def platforms(inspections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The wheel platforms of these nodes: per machine, the lowest glibc among them and the hosts. An
+    offline wheelhouse built for it installs on every one of them."""
+    out: dict[str, dict[str, Any]] = {}
+    for host, insp in sorted(inspections.items()):
+        pf = (insp.get("node") or {}).get("platform") or {}
+        if not pf.get("machine"):
+            continue
+        entry = out.setdefault(pf["machine"], {"glibc": pf.get("glibc"), "hosts": []})
+        entry["hosts"].append(host)
+        if pf.get("glibc") and (not entry["glibc"] or version_tuple(pf["glibc"]) < version_tuple(entry["glibc"])):
+            entry["glibc"] = pf["glibc"]
+    return out
+
+
 def clock_bounds(max_clock_skew_s: float, max_trip_s: float = 30.0) -> tuple[float, float]:
     """The clock offsets a node's check may report (its time minus the controller's when the task was sent).
     The offset includes the task's trip from the controller (>= 0 for a good clock): a clock behind is caught to

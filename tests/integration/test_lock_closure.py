@@ -35,7 +35,7 @@ def test_every_pin_of_the_cuda_flavor_resolves_for_linux_x86_64(flavor, tmp_path
 
 
 # vLLM's wheel is manylinux_2_31 (glibc >= 2.31 on the nodes that serve, as its description says)
-SERVING_PLATFORMS = ("manylinux_2_31_x86_64",) + pins.LINUX_X86_64
+SERVING_PLATFORMS = pins.linux_platforms("x86_64", "2.31")
 
 
 @pytest.mark.parametrize("name,flavor", [("vllm", "cu128")])

@@ -132,3 +132,26 @@ def test_a_serving_stack_on_a_flavor_it_does_not_run_on_says_to_use_the_api(tmp_
 def test_bad_serving_sections_name_the_key(tmp_path, section, fragment):
     with pytest.raises(LockError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         lock.load(write(tmp_path, GOOD + section + "\n"))
+
+
+def test_wheel_tags_are_the_ones_a_node_of_that_machine_and_glibc_takes():
+    from llamafleet import pins
+
+    tags = pins.linux_platforms("aarch64", "2.28")
+    assert tags[0] == "manylinux_2_28_aarch64" and tags[-1] == "linux_aarch64"
+    assert tags.index("manylinux_2_17_aarch64") + 1 == tags.index("manylinux2014_aarch64")  # legacy alias beside its glibc
+    assert "manylinux_2_29_aarch64" not in tags and not any("x86_64" in t for t in tags)
+    assert pins.linux_platforms("x86_64", None)[0] == "manylinux_2_17_x86_64"  # unknown glibc: the lowest wheels target
+
+
+def test_wheelhouse_downloads_choose_the_nodes_files_and_carry_deepspeed_as_an_sdist():
+    from llamafleet import pins
+
+    stack = lock.load_stack(None, "cpu")
+    wheels, sdists = pins.download_argvs(stack, "py", "/wh", ("manylinux_2_28_aarch64",), [], ("fire",))
+    assert wheels[wheels.index("--python-version") + 1] == stack.python
+    assert wheels[wheels.index("--abi") + 1] == "cp" + stack.python.replace(".", "")
+    assert "--only-binary=:all:" in wheels and wheels[wheels.index("--platform") + 1] == "manylinux_2_28_aarch64"
+    assert f"torch=={stack.packages['torch']}" in wheels and not any(a.startswith(("deepspeed", "fire")) for a in wheels)
+    assert set(sdists[-2:]) == {f"deepspeed=={stack.packages['deepspeed']}", f"fire=={stack.packages['fire']}"}
+    assert "--no-binary=:all:" in sdists and "--platform" not in sdists

@@ -39,3 +39,13 @@ def test_a_node_without_rsync_or_with_an_old_one_is_named_with_the_fix():
     problems = run({"a": with_rsync(None), "b": with_rsync("3.1.3")})
     assert problems[0].startswith("a: no rsync on the node") and "apt-get install rsync" in problems[0]
     assert problems[1].startswith("b: rsync 3.1.3 is older than 3.2.3")
+
+
+def test_wheel_platforms_are_per_machine_with_the_lowest_glibc_of_its_nodes():
+    def on(machine, glibc):
+        i = insp()
+        i["node"]["platform"] = {"machine": machine, "glibc": glibc}
+        return i
+    got = preflight.platforms({"b": on("x86_64", "2.36"), "a": on("x86_64", "2.31"), "g": on("aarch64", "2.35"),
+                               "old": {"node": {}}})  # a node that reported no platform is left out
+    assert got == {"x86_64": {"glibc": "2.31", "hosts": ["a", "b"]}, "aarch64": {"glibc": "2.35", "hosts": ["g"]}}

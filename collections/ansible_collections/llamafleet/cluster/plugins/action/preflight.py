@@ -28,5 +28,6 @@ class ActionModule(ActionBase):
             result.update(failed=True, problems=problems,
                           msg="preflight failed, nothing was changed on any node:\n" + "\n".join(f"- {p}" for p in problems))
             return result
-        result.update(changed=False, installing=sorted(installing))
+        result.update(changed=False, installing=sorted(installing),
+                      platforms=preflight.platforms({h: inspections[h] for h in installing}))
         return result

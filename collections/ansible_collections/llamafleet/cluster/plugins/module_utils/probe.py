@@ -377,6 +377,15 @@ def nccl_interfaces(spec, names):
     return [n for n in names if hit(n) != exclude]
 
 
+def platform_facts():
+    """The node's machine and glibc: which wheels its pip takes (the controller builds offline wheelhouses for them)."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""  # musl and others: no glibc
+    return {"machine": os.uname()[4], "glibc": libc.split()[-1] if libc.startswith("glibc ") else None}
+
+
 def node_facts(p, venv):
     """(node, stack state): what preflight and parity judge. ``p`` holds the inspection options of
     the node module (root, python, python_minor, requirements, strip, gpu_expected, controller_time)."""
@@ -398,6 +407,7 @@ def node_facts(p, venv):
         "disk_path": disk_path,
         "nvcc": nvcc_version(),
         "rsync": rsync_version(),
+        "platform": platform_facts(),
     }
     node.update(gpu_facts())
     node.update(npu_facts())

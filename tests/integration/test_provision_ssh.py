@@ -168,3 +168,22 @@ def test_the_offline_wheelhouse_reaches_three_nodes_by_fan_out_and_they_install_
         assert not list((inv.root(name) / "fanout").glob("*"))  # no relay, config or secret left
     again = provision(path, lock_file=LIGHT_LOCK, offline=True)
     assert again.ok and again.changed == 0, again.format()  # nothing installs: nothing is sent
+
+
+def test_the_system_flavor_uses_the_packages_of_an_image_whose_python_is_a_venv(testbed, inv, tmp_path):
+    # an image as uv builds them: its torch (here six) lives in /opt/<x>/.venv, whose Python is llamafleet_python
+    base = tmp_path / "image" / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(next(base.glob("lib/python3*/site-packages"))), "six==1.16.0"], check=True)
+    path = inv(llamafleet_python=str(base / "bin" / "python"))
+    result = provision(path, lock_file=LIGHT_LOCK, flavor="image", offline=True)
+    assert result.ok, result.format()
+    assert [n.action for n in result.nodes] == ["built"] * 3
+    image = lock.load_stack(LIGHT_LOCK, "image")
+    for name in ("node1", "node2", "node3"):
+        seen = testbed.ssh(name, f"{shlex.quote(str(inv.root(name)))}/stacks/{image.venv_name}/bin/python -I -c "
+                                 "'import six, idna; print(six.__file__, six.__version__)'").stdout.split()
+        assert seen[0].startswith(str(base)) and seen[1] == "1.16.0", seen  # the image's, not installed in the stack
+    again = provision(path, lock_file=LIGHT_LOCK, flavor="image", offline=True)
+    assert again.ok and again.changed == 0, again.format()  # the image's packages are no drift, nothing to remove

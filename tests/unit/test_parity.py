@@ -107,3 +107,25 @@ def test_system_flavor_takes_the_images_cuda_and_requires_it_to_agree(stack):
     r = parity.compare(system, {"a": node("13.0"), "b": node(None)}, gpus={"a": 8, "b": 8})
     assert [(x.component, x.bad) for x in r.rows if not x.ok] == [("torch.version.cuda", ("b",))]
     assert stack("cpu").cpu_only
+
+
+def test_a_system_flavor_allows_the_images_unlisted_packages_only_when_every_node_has_the_same(stack):
+    """An NGC-style image carries hundreds of packages the lock does not list (apex, flash-attn): seen through
+    the venv, they must be the same on every node; one installed into the venv itself is an extra."""
+    def node(local=(), **image):
+        i = insp(driver="580.159.04", torch="2.11.0", **image)
+        i["node"]["gpus"] = [{"name": "NVIDIA H100", "memory_mib": 81559}]
+        probe = i["stack"]["probe"]
+        probe["torch_cuda"] = "13.0"
+        probe["local_packages"] = ["deepspeed", "transformers", *local]
+        return i
+    system = stack("system")
+    same = {"a": node(flash_attn="2.8.3"), "b": node(flash_attn="2.8.3")}
+    assert parity.compare(system, same, gpus={"a": 1, "b": 1}).ok
+    r = parity.compare(system, {"a": node(flash_attn="2.8.3"), "b": node(flash_attn="2.7.4"), "c": node(flash_attn="2.8.3")},
+                       gpus={"a": 1, "b": 1, "c": 1})
+    assert [(x.component, x.bad) for x in r.rows if not x.ok] == [("flash-attn", ("b",))]
+    r = parity.compare(system, {"a": node(local=["tomli"], tomli="2.0.1"), "b": node(local=["tomli"], tomli="2.0.1")},
+                       gpus={"a": 1, "b": 1})
+    assert [(x.component, x.bad) for x in r.rows if not x.ok] == [("tomli", ("a", "b"))]
+    assert not parity.compare(stack(), {"a": insp(tomli="2.0.1"), "b": insp(tomli="2.0.1")}).ok  # pip flavor: any extra

@@ -106,6 +106,7 @@ stack:
 
 import fcntl
 import glob
+import json
 import os
 import re
 import shutil
@@ -214,10 +215,37 @@ def _build(module, p, venv, interpreter):
     rc, out, err = run(args + [venv], timeout=600)
     if rc != 0:
         raise InstallError("creating the venv with %s failed: %s" % (interpreter, (err or out).strip()[-400:]))
+    if p["system_site_packages"]:
+        _see_base_venv(interpreter, venv)
     _install_phases(module, p, venv, p["requirements"])
     _strip(p, venv)
     _smoke(p, venv)
     write_marker(venv, p["venv_name"], probe_venv(venv, False)["packages"], time.time())
+
+
+BASE_SITE = r"""
+import json, site, sys
+print(json.dumps({"venv": sys.prefix != sys.base_prefix, "site": site.getsitepackages()}))
+"""
+
+
+def _see_base_venv(interpreter, venv):
+    """``--system-site-packages`` shows the new venv the *base* interpreter's site-packages. When llamafleet_python
+    is itself a venv's Python (an image whose torch lives in /opt/torch/.venv, as uv builds them), that torch is in
+    the interpreter's venv, not in its base: a .pth in the new venv adds the interpreter's site-packages after the
+    venv's own, with the precedence --system-site-packages gives, so the image's torch is the one verified and used."""
+    rc, out, err = run([interpreter, "-I", "-c", BASE_SITE], timeout=60)
+    if rc != 0:
+        raise InstallError("asking %s for its site-packages failed: %s" % (interpreter, (err or out).strip()[-400:]))
+    info = json.loads(out)
+    if not info["venv"]:
+        return
+    rc, out, err = run([os.path.join(venv, "bin", "python"), "-I", "-c",
+                        "import sysconfig; print(sysconfig.get_paths()['purelib'])"], timeout=60)
+    if rc != 0:
+        raise InstallError("the new venv's Python failed: %s" % (err or out).strip()[-400:])
+    with open(os.path.join(out.strip(), "_llamafleet_base_venv.pth"), "w") as fh:
+        fh.write("".join(path + "\n" for path in info["site"]))
 
 
 def _record_build(p, venv, state):

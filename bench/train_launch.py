@@ -508,7 +508,7 @@ class Bench:
             events.append((time.monotonic(), ev.host, ev.task, ev.status))
         watch = self._watch()
         a = self.cpu_snapshot()
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         try:
             res = train(self.inv, self.launch_yaml, workdir=self.job, replace=True, on_event=on_event)
         finally:
@@ -525,6 +525,8 @@ class Bench:
         if "controller_cpu_s" in r:
             r["controller_cpu_s"] -= watch.cpu_s  # the /proc poller is this process's, not llamafleet's
         r["profile"] = profile(events, t0, watch.done_at, t_ret)
+        if res.run_id:
+            r["profile"]["node_s"] = self.node_timings(res.run_id, t0_wall)
         if not res.ok:
             self.error(f"train() failed: {res.format()[-1500:]}")
         watch.thaw()  # stopped processes must run to act on llamafleet's TERM
@@ -536,6 +538,20 @@ class Bench:
             self.last_used["ansible"] = time.monotonic()
             r["left_after_stop"] = self.verify_gone(res.run_id, "llamafleet.stop")
         return r, res.run_id if res.ok else None
+
+    def node_timings(self, run_id: str, t0_wall: float) -> dict:
+        """Inside the start task, per node (the module's own record, start_timings.json in the run directory; the
+        nodes share this machine's clock): seconds from the command's start to the module running, its check
+        done, the all-or-nothing answer, the supervisor up. Median and max over the nodes."""
+        per: dict[str, list[float]] = {}
+        for node in (n.name for n in self.tb.nodes):
+            try:
+                times = json.loads((self.nodes_dir / node / "runs" / run_id / "start_timings.json").read_text())
+            except (OSError, ValueError):
+                continue
+            for k, v in times.items():
+                per.setdefault(k, []).append(v - t0_wall)
+        return {k: {"median": statistics.median(v), "max": max(v), "nodes": len(v)} for k, v in per.items()}
 
     def _floor(self, run_id: str, timeout: float = 300) -> subprocess.CompletedProcess:
         argv = [str(BIN / "ansible-playbook"), str(BENCH / "floor_launch.yml"), "-i", str(self.inv),
@@ -850,6 +866,10 @@ class Bench:
                 st = ",".join(f"{k}={v}" for k, v in sorted(row["statuses"].items()))
                 print(f"  {row['span_s']:6.2f} s  at {row['start_s']:6.2f}  {row['task'][:70]:70s} {st}")
             print(f"  {prof['after_last_event_s']:6.2f} s  last event -> train() returned")
+            if prof.get("node_s"):
+                print("  inside the start task, on the nodes (s from the command's start: median / slowest node):")
+                for k, v in prof["node_s"].items():
+                    print(f"  {v['median']:6.2f} / {v['max']:5.2f}  {NODE_STEPS.get(k, k)}")
             print("  by kind:")
             for cat, sec in sorted(prof["categories_s"].items(), key=lambda kv: -kv[1]):
                 print(f"  {sec:6.2f} s  {cat}")
@@ -973,6 +993,12 @@ def _category(row: dict) -> str:
     return f"per-node task: {task[:60]}"
 
 
+NODE_STEPS = {"module": "the start module runs (ssh, AnsiballZ, imports)",
+              "checked": "its check done (inputs, stack state, digest, clock)",
+              "agreed": "the all-or-nothing answer at the rendezvous port",
+              "supervisor_up": "the supervisor up, the ranks starting"}
+
+
 def merge_profiles(profiles: list[dict]) -> dict | None:
     if not profiles:
         return None
@@ -987,7 +1013,10 @@ def merge_profiles(profiles: list[dict]) -> dict | None:
     for row in rows:
         cats[_category(row)] = cats.get(_category(row), 0.0) + row["span_s"]
     done = [p["done_s"] for p in same if p.get("done_s") is not None]
-    return {"runs": len(same), "tasks": rows, "categories_s": cats,
+    steps = [p["node_s"] for p in same if p.get("node_s")]
+    node_s = {k: {m: statistics.median(st[k][m] for st in steps if k in st) for m in ("median", "max")}
+              for k in (steps[0] if steps else {})}
+    return {"runs": len(same), "tasks": rows, "categories_s": cats, "node_s": node_s,
             "first_event_s": statistics.median(p["first_event_s"] for p in same),
             "after_last_event_s": statistics.median(p["after_last_event_s"] for p in same), "done_s": statistics.median(done) if done else None,
             "done_during_task": [p.get("done_during_task") for p in same]}

@@ -224,6 +224,10 @@ def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_s
         starts = fast.results["train"]
         assert sorted(starts) == ["node1", "node2"] and all(r["run"]["state"] == "running" and "fallback" not in r
                                                              for r in starts.values()), starts
+        for name, r in starts.items():  # where the start's time went on the node, in order, kept with the run
+            t = r["timings"]
+            assert t["module"] <= t["checked"] <= t["agreed"] <= t["supervisor_up"], (name, t)
+            assert json.loads((roots / name / "runs" / fast_id / "start_timings.json").read_text()) == t
     finally:
         if fast_id:
             stop(two_nodes, fast_id)

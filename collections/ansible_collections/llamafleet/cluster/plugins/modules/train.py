@@ -239,6 +239,11 @@ fallback:
     nothing started on any node.
   returned: when it did not start
   type: str
+timings:
+  description: Where a start's time went on the node, epoch seconds; module (the module running), checked
+    and agreed (the one-wave launch's check and all-or-nothing answer), supervisor_up (the ranks start from it).
+  returned: state started
+  type: dict
 """
 
 import fcntl
@@ -259,6 +264,10 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.modelcheck impo
 from ansible_collections.llamafleet.cluster.plugins.module_utils.probe import nccl_interfaces, node_facts
 from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import HashCache, judged_digest
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
+
+# where a start's time goes on the node (epoch seconds, returned as ``timings``): this module running, its
+# check done, the all-or-nothing answer, the supervisor up (the ranks start from it)
+TIMES = {"module": time.time()}
 
 ACTIVE = "active"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -721,9 +730,12 @@ def _fast_worker(p, host, refusal, deadline):
 def _fast_start(module, p, host):
     """One task per node: the check, the all-or-nothing decision at the rendezvous port, the start. Nothing
     starts anywhere unless every node can; then the result says ``fallback`` and the launch goes the full way."""
-    why = _fast_barrier(p, host, _fast_refusal(p))
+    refusal = _fast_refusal(p)
+    TIMES["checked"] = time.time()
+    why = _fast_barrier(p, host, refusal)
+    TIMES["agreed"] = time.time()
     if why:
-        module.exit_json(changed=False, fallback=why)
+        module.exit_json(changed=False, fallback=why, timings=TIMES)
     _start(module, p, host, rendezvous=False)
 
 
@@ -864,7 +876,8 @@ def _start(module, p, host, rendezvous=True):
     _write(os.path.join(root, "runs", ACTIVE), run_id)
     if p["master"]:
         _release_launch_lock(root, run_id)  # the running run holds the cluster from here
-    module.exit_json(changed=True, run=_run_state(root, run_id, log_lines=0))
+    _write(os.path.join(run_dir, "start_timings.json"), json.dumps(TIMES))  # kept with the run, for a look later
+    module.exit_json(changed=True, run=_run_state(root, run_id, log_lines=0), timings=TIMES)
 
 
 def _supervisor_source():
@@ -908,6 +921,7 @@ def _start_supervisor(module, p, host, run_dir):
         tail = (_read(os.path.join(run_dir, "supervisor.log"), "") or "").splitlines()[-5:]
         module.fail_json(msg="%s: the run's supervisor did not start (exit %s): %s; nothing was started"
                              % (host, proc.poll(), why or " | ".join(tail) or "no output"))
+    TIMES["supervisor_up"] = time.time()
     time.sleep(0.5)
     rc = _read(os.path.join(run_dir, "rc"))
     if rc is not None:

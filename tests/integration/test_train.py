@@ -221,7 +221,7 @@ def test_only_the_nodes_whose_inputs_differ_are_synced(two_nodes, job, default_s
     try:
         assert fast.ok, fast.failure_messages()
         assert not fast.results.get("parity") and not fast.results.get("sync")  # no judgement, no check ran
-        starts = fast.results["train"]
+        starts = fast.results["train_node"]  # the start (action/train_node.py), one per node
         assert sorted(starts) == ["node1", "node2"] and all(r["run"]["state"] == "running" and "fallback" not in r
                                                              for r in starts.values()), starts
         for name, r in starts.items():  # where the start's time went on the node, in order, kept with the run

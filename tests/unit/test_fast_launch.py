@@ -102,7 +102,32 @@ def test_the_record_is_read_only_for_its_key_and_only_when_it_judged_every_node(
     assert train_filters.judged(str(path), "k", ["a", "b"]) == {"a": "d1", "b": "d2"}
     assert train_filters.judged(str(path), "other", ["a", "b"]) == {}
     assert train_filters.judged(str(path), "k", ["a", "b", "c"]) == {}
-    assert train_filters.judgment_key({"x": 1, "y": [2]}) == train_filters.judgment_key({"y": [2], "x": 1})
+
+
+def _judged_launch(tmp_path, **plan):
+    train = {"plan": {"arguments": {"stage": "sft"}, "model": {"label": "m", "source": "controller"}, **plan}}
+    lf = {"stack": {"venv_name": "v1", "requirements": [["torch", "2.1"]]}, "gpus": 1,
+          "cluster": {"nodes": [{"name": "a"}, {"name": "b"}], "master": "a"}}
+    path = tmp_path / "judged-launch.json"
+    path.write_text(json.dumps({"key": train_filters.judgment_key(train, lf, 5), "nodes": {"a": "d1", "b": "d2"}}))
+    settings = {"train_fast": True, "train_run_id": "", "train_fabric": False, "preflight_max_clock_skew_s": 5}
+    return train, lf, settings, str(path)
+
+
+def test_a_launch_starts_in_one_wave_only_on_the_judged_key_and_when_nothing_needs_the_full_way(tmp_path):
+    train, lf, settings, path = _judged_launch(tmp_path)
+    assert train_filters.one_wave_digests(train, lf, settings, path, ["a", "b"]) == {"a": "d1", "b": "d2"}
+    # the key: every part of it counts, and so does the order of nothing
+    assert train_filters.one_wave_digests(train, lf, dict(settings, preflight_max_clock_skew_s=9), path, ["a"]) == {}
+    other = json.loads(json.dumps(lf))
+    other["stack"]["requirements"][0][1] = "2.2"
+    assert train_filters.one_wave_digests(train, other, settings, path, ["a", "b"]) == {}
+    assert train_filters.one_wave_digests(train, lf, settings, path, ["a", "b", "c"]) == {}
+    for changed in ({"train_fast": "false"}, {"train_run_id": "r1"}, {"train_fabric": True}):
+        assert train_filters.one_wave_digests(train, lf, dict(settings, **changed), path, ["a", "b"]) == {}, changed
+    for plan in ({"model": {"label": "m", "source": "hub"}}, {"shared_output_dir": "/nfs/out"}):
+        t = {"plan": dict(train["plan"], **plan)}
+        assert train_filters.one_wave_digests(t, lf, settings, path, ["a", "b"]) == {}, plan
 
 
 def test_a_wave_that_fell_back_everywhere_is_no_failure_but_one_that_started_somewhere_is():

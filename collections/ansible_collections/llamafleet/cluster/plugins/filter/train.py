@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from ansible.module_utils.parsing.convert_bool import boolean
+
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import PROJECT_DIR  # noqa: F401
 
 from llamafleet.launchplan import split_secrets
@@ -64,10 +66,28 @@ def failed_starts(hostvars, hosts):
     return out
 
 
-def judgment_key(value):
-    """What a launch judgement depends on besides the nodes' own facts (lock, cluster, the yaml's arguments, the
-    model, the clock allowance), as one digest."""
+def judgment_key(train, llamafleet, max_clock_skew_s):
+    """What a launch judgement depends on besides the nodes' own facts (the lock, the cluster, the yaml's
+    arguments, the model, the clock allowance), as one digest; of the plan (``train``: the train_plan action's
+    result) and the validated cluster (``llamafleet``: the validate action's)."""
+    value = {"stack": llamafleet["stack"], "nodes": llamafleet["cluster"]["nodes"],
+             "master": llamafleet["cluster"]["master"], "gpus": llamafleet["gpus"],
+             "arguments": train["plan"]["arguments"], "model": train["plan"]["model"]["label"],
+             "max_clock_skew_s": max_clock_skew_s}
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def one_wave_digests(train, llamafleet, settings, path, hosts):
+    """Each host's digest from the last launch judged good, when this launch can start in one wave (one task per
+    node: roles/train launch_all.yml); else empty. Not with train_fast false, nor for a resumed run (it copies a
+    checkpoint), a hub model (judged after its fetch), shared output or the fabric check (steps of their own), nor
+    when the last judgement was on another key or did not judge every one of ``hosts``."""
+    plan = train["plan"]
+    if (not boolean(settings["train_fast"], strict=False) or settings["train_run_id"]
+            or plan["model"]["source"] == "hub" or plan.get("shared_output_dir")
+            or boolean(settings["train_fabric"], strict=False)):
+        return {}
+    return judged(path, judgment_key(train, llamafleet, settings["preflight_max_clock_skew_s"]), hosts)
 
 
 def judged(path, key, hosts):
@@ -113,7 +133,7 @@ def lacking_hub(hostvars, hosts, results_var="__train_prepared"):
 class FilterModule:
     def filters(self):
         return {"failed_starts": failed_starts, "lacking_hub": lacking_hub, "fast_fell_back": fast_fell_back,
-                "judgment_key": judgment_key, "judged": judged,
+                "judgment_key": judgment_key,
                 "clock_bounds": lambda skew: list(clock_bounds(skew)), "inputs_transfers": inputs_transfers,
                 "collect_transfers": collect_transfers,
                 "secret_env": secret_env, "name_problems": name_problems}

@@ -996,6 +996,7 @@ def _category(row: dict) -> str:
 NODE_STEPS = {"module": "the start module runs (ssh, AnsiballZ, imports)",
               "checked": "its check done (inputs, stack state, digest, clock)",
               "agreed": "the all-or-nothing answer at the rendezvous port",
+              "written": "the run's files written (node.env, launch.sh, ...)",
               "supervisor_up": "the supervisor up, the ranks starting"}
 
 

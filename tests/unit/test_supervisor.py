@@ -209,3 +209,51 @@ def test_term_to_the_supervisor_stops_its_ranks_and_tells_the_peers(cluster):
     nodes["w"].proc.terminate()
     _until(lambda: not any(n.ranks_alive() for n in nodes.values()), 10)
     assert "the supervisor on w was terminated" in nodes["m"].state()["reason"]
+
+
+def _spawned(tmp_path: Path, name: str, script: str) -> tuple[subprocess.Popen, int, int, Path]:
+    """The supervisor as the train module spawns it: before the decision, from another directory, silent,
+    with its control pipe (GO_R,UP_W)."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "launch.sh").write_text("#!/bin/sh\n" + script + "\nrc=$?\necho $rc > rc\nexit $rc\n")
+    (run_dir / "supervise.json").write_text(json.dumps({
+        "run_id": f"test-{name}", "node": name, "master": True, "master_addr": "127.0.0.1", "port": _free_udp_port(),
+        "peers": [], "secret": secrets.token_hex(32), "peer_timeout_s": 6, "stall_timeout_s": 0,
+        "start_timeout_s": 0, "fail_grace_s": 1}))
+    go_r, go_w = os.pipe()
+    up_r, up_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(SUPERVISOR), str(run_dir), f"{go_r},{up_w}"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(go_r, up_w))
+    os.close(go_r)
+    os.close(up_w)
+    return proc, go_w, up_r, run_dir
+
+
+def test_a_supervisor_spawned_before_the_decision_starts_nothing_until_go(tmp_path):
+    proc, go_w, up_r, run_dir = _spawned(tmp_path, "nogo", "touch started")
+    time.sleep(0.5)
+    assert proc.poll() is None and not (run_dir / "started").exists() and not (run_dir / "pid").exists()
+    os.close(go_w)  # the module exited without a go (another node could not start): it ends, nothing ran
+    assert proc.wait(10) == 0
+    assert os.read(up_r, 100) == b""
+    assert not (run_dir / "started").exists() and not (run_dir / "supervisor.log").exists()
+
+    proc, go_w, up_r, run_dir = _spawned(tmp_path, "go", "touch started; sleep 0.5")
+    os.write(go_w, b"go\n")
+    os.close(go_w)
+    assert os.read(up_r, 100) == b"up\n"  # the ranks started: pid recorded, log in the run directory
+    assert proc.wait(10) == 0 and (run_dir / "started").exists() and (run_dir / "pid").exists()
+    assert json.loads((run_dir / "supervisor.json").read_text())["state"] == "done"
+    assert (run_dir / "supervisor.log").exists()  # its log moved into the run directory at go
+
+
+def test_a_spawned_supervisor_that_cannot_start_answers_why(tmp_path):
+    proc, go_w, up_r, run_dir = _spawned(tmp_path, "bad", "true")
+    (run_dir / "supervise.json").write_text("{}")  # no run id: it cannot supervise anything
+    os.write(go_w, b"go\n")
+    os.close(go_w)
+    answer = os.read(up_r, 500).decode()
+    assert answer.startswith("the supervisor could not start:") and "run_id" in answer, answer
+    assert proc.wait(10) == 2 and not (run_dir / "pid").exists()

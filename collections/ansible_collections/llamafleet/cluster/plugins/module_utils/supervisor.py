@@ -2,8 +2,10 @@
 """A run's processes on one node, and the run's supervisor: what keeps the cluster safe without the controller.
 
 Standard library only. The train module imports it (the process rules: what a run's processes are, how they
-are stopped), and writes this file into the run directory, where it runs as ``python3 supervise.py RUN_DIR``,
-detached from the SSH session, one per node per run. The supervisor starts the node's ranks (``launch.sh``)
+are stopped), and writes this file under the node's root (``supervisor/supervise-<digest>.py``), where it runs as
+``python3 supervise-<digest>.py RUN_DIR GO_R,UP_W``, detached from the SSH session, one per node per run: spawned
+before the launch's all-or-nothing decision, it starts nothing until the module tells it ``go`` on its control
+pipe, and answers ``up`` once the ranks started (run without the pipe fds, it starts at once). The supervisor starts the node's ranks (``launch.sh``)
 and watches them and its peers:
 
 - the master's supervisor and each worker's keep a heartbeat over the training network: UDP datagrams to and
@@ -38,7 +40,6 @@ NODE_VAR = "LLAMAFLEET_NODE"  # which node's ranks these are: where several node
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CONFIG = "supervise.json"
 STATE = "supervisor.json"
-SCRIPT = "supervise.py"
 HEARTBEAT_S = 1.0
 TICK_S = 0.2
 KEEP_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TERM")
@@ -490,23 +491,63 @@ class Supervisor:
             time.sleep(TICK_S)
 
 
+def _wait_go(control, run_dir):
+    """Spawned by the train module before the all-or-nothing decision (``control``: the fds ``GO_R,UP_W``): wait
+    for ``go`` (False on anything else, or the pipe closed: nothing starts), then log to the run directory."""
+    go_r = int(control.split(",")[0])
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(go_r, 64)
+        if not chunk:
+            break
+        data += chunk
+    os.close(go_r)
+    if data.strip() != b"go":
+        return False
+    os.chdir(run_dir)
+    log = os.open(os.path.join(run_dir, "supervisor.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return True
+
+
+def _tell(control, text):
+    """The train module's answer: ``up`` once the ranks started, else why not."""
+    if control:
+        up_w = int(control.split(",")[1])
+        try:
+            os.write(up_w, (text.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+        os.close(up_w)
+
+
 def main(argv):
     run_dir = os.path.abspath(argv[1])
-    sup = Supervisor(run_dir)
+    control = argv[2] if len(argv) > 2 else None
 
     def on_term(_signum, _frame):
         # stopped from outside (a node shutting down): stop the ranks, tell the peers, then exit
         sup.terminated = True
 
-    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if control and not _wait_go(control, run_dir):
+        return 0
+    sup = None
     try:
+        sup = Supervisor(run_dir)
+        signal.signal(signal.SIGTERM, on_term)
         sup.start()
     except Exception as exc:  # nothing started: say why, for the train module to report
-        sup.state, sup.reason = "error", "the supervisor could not start: %s" % exc
-        sup._write_state(force=True)
+        why = "the supervisor could not start: %s" % exc
+        if sup is not None:
+            sup.state, sup.reason = "error", why
+            sup._write_state(force=True)
+        _tell(control, why)
         return 2
+    _tell(control, "up")
     try:
         return sup.loop()
     except Exception:

@@ -252,6 +252,7 @@ import hmac
 import json
 import os
 import re
+import select
 import shlex
 import socket
 import struct
@@ -730,13 +731,14 @@ def _fast_worker(p, host, refusal, deadline):
 def _fast_start(module, p, host):
     """One task per node: the check, the all-or-nothing decision at the rendezvous port, the start. Nothing
     starts anywhere unless every node can; then the result says ``fallback`` and the launch goes the full way."""
+    sup = _Supervisor(p, os.path.join(p["root"], "runs", p["run_id"]))  # it starts while this node checks and waits
     refusal = _fast_refusal(p)
     TIMES["checked"] = time.time()
     why = _fast_barrier(p, host, refusal)
     TIMES["agreed"] = time.time()
     if why:
-        module.exit_json(changed=False, fallback=why, timings=TIMES)
-    _start(module, p, host, rendezvous=False)
+        module.exit_json(changed=False, fallback=why, timings=TIMES)  # its supervisor ends: no go was told
+    _start(module, p, host, rendezvous=False, sup=sup)
 
 
 def _output_marker(p):
@@ -845,9 +847,13 @@ def _launch_script(p, run_dir):
     ])
 
 
-def _start(module, p, host, rendezvous=True):
+def _start(module, p, host, rendezvous=True, sup=None):
+    """Start this node's ranks (after the check and the all-or-nothing decision: the full way's rendezvous
+    check here, the one-wave start's barrier before). ``sup``: the supervisor already spawned."""
     root, run_id = p["root"], p["run_id"]
     run_dir = os.path.join(root, "runs", run_id)
+    if rendezvous:
+        sup = _Supervisor(p, run_dir)  # its interpreter starts while this node checks and waits for the others
     if p["manifest"]:
         differ = _check_inputs(p)
         if differ:
@@ -872,7 +878,14 @@ def _start(module, p, host, rendezvous=True):
             module.fail_json(msg="bad run file name %r" % name)
         _write(os.path.join(run_dir, name), content, 0o600 if name == "node.env" else 0o644)
     _write(os.path.join(run_dir, "launch.sh"), _launch_script(p, run_dir), 0o755)
-    _start_supervisor(module, p, host, run_dir)
+    TIMES["written"] = time.time()
+    (sup or _Supervisor(p, run_dir)).go(module, p, host, run_dir)
+    time.sleep(0.5)
+    rc = _read(os.path.join(run_dir, "rc"))
+    if rc is not None:
+        tail = (_read(os.path.join(run_dir, "train.log"), "") or "").splitlines()[-10:]
+        module.fail_json(msg="%s: training exited at once (exit %s):\n%s" % (host, rc.strip(), "\n".join(tail)),
+                         run=_run_state(p["root"], p["run_id"]))
     _write(os.path.join(root, "runs", ACTIVE), run_id)
     if p["master"]:
         _release_launch_lock(root, run_id)  # the running run holds the cluster from here
@@ -886,48 +899,76 @@ def _supervisor_source():
     return source or _read(supervisor.__file__)
 
 
-def _start_supervisor(module, p, host, run_dir):
-    """Start the run's supervisor on this node (module_utils/supervisor.py, written into the run directory and
-    run by this Python, detached from the SSH session); it starts the ranks. Fails when it could not bind its
-    heartbeat socket or the ranks exited at once."""
-    if not p["supervisor_secret"]:
-        module.fail_json(msg="%s: no supervisor secret: the train role passes one per launch" % host)
-    config = {"run_id": p["run_id"], "node": p["node_name"] or host, "master": p["master"],
-              "master_addr": p["master_addr"] or "127.0.0.1", "port": p["master_port"], "peers": p["peers"],
-              "secret": p["supervisor_secret"], "peer_timeout_s": p["peer_timeout_s"],
-              "stall_timeout_s": p["stall_timeout_s"], "start_timeout_s": p["start_timeout_s"],
-              "fail_grace_s": p["fail_grace_s"], "progress_file": p["progress_file"], "activity": p["activity"]}
-    _write(os.path.join(run_dir, supervisor.CONFIG), json.dumps(config), 0o600)  # it holds the run's secret
-    _write(os.path.join(run_dir, supervisor.SCRIPT), _supervisor_source(), 0o644)
-    for stale in ("rc", "stopped", "pid", "pid_start", supervisor.STATE):
-        if os.path.exists(os.path.join(run_dir, stale)):
-            os.unlink(os.path.join(run_dir, stale))
-    env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
-    with open(os.path.join(run_dir, "supervisor.log"), "ab") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(run_dir, supervisor.SCRIPT), run_dir], cwd=run_dir,
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # survives the SSH session
-    _write(os.path.join(run_dir, "supervisor.pid_start"), supervisor.identity(proc.pid) or "")
-    _write(os.path.join(run_dir, "supervisor.pid"), str(proc.pid))
-    _write(os.path.join(run_dir, "started_at"), str(time.time()))
-    deadline = time.time() + 15
-    while not os.path.exists(os.path.join(run_dir, "pid")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    if not os.path.exists(os.path.join(run_dir, "pid")):
+class _Supervisor:
+    """The run's supervisor (module_utils/supervisor.py), spawned before the all-or-nothing decision so that its
+    interpreter starts while the node waits for the slowest one; it starts nothing until told ``go`` (closing
+    its control pipe instead, as this module's exit does, ends it). Detached from the SSH session; the ranks
+    start from it."""
+
+    def __init__(self, p, run_dir):
+        source = _supervisor_source()
+        # code only, named by its content: written once per version, shared by the runs
+        script = os.path.join(p["root"], "supervisor", "supervise-%s.py" % hashlib.sha256(source.encode()).hexdigest()[:16])
+        if _read(script) != source:
+            os.makedirs(os.path.dirname(script), exist_ok=True)
+            _write(script, source, 0o644)
+        self.go_r, self.go_w = os.pipe()
+        self.up_r, self.up_w = os.pipe()
+        env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
+        self.proc = subprocess.Popen([sys.executable, script, run_dir, "%d,%d" % (self.go_r, self.up_w)],
+                                     cwd=p["root"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, pass_fds=(self.go_r, self.up_w),
+                                     start_new_session=True)  # survives the SSH session
+        os.close(self.go_r)
+        os.close(self.up_w)
+
+    def go(self, module, p, host, run_dir):
+        """Start the ranks: the supervisor's config written, ``go`` told, its answer read. Fails when it could
+        not bind its heartbeat socket or the ranks exited at once."""
+        if not p["supervisor_secret"]:
+            module.fail_json(msg="%s: no supervisor secret: the train role passes one per launch" % host)
+        config = {"run_id": p["run_id"], "node": p["node_name"] or host, "master": p["master"],
+                  "master_addr": p["master_addr"] or "127.0.0.1", "port": p["master_port"], "peers": p["peers"],
+                  "secret": p["supervisor_secret"], "peer_timeout_s": p["peer_timeout_s"],
+                  "stall_timeout_s": p["stall_timeout_s"], "start_timeout_s": p["start_timeout_s"],
+                  "fail_grace_s": p["fail_grace_s"], "progress_file": p["progress_file"], "activity": p["activity"]}
+        _write(os.path.join(run_dir, supervisor.CONFIG), json.dumps(config), 0o600)  # it holds the run's secret
+        for stale in ("rc", "stopped", "pid", "pid_start", supervisor.STATE):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.unlink(os.path.join(run_dir, stale))
+        pid = self.proc.pid
+        _write(os.path.join(run_dir, "supervisor.pid_start"), supervisor.identity(pid) or "")
+        _write(os.path.join(run_dir, "supervisor.pid"), str(pid))
+        _write(os.path.join(run_dir, "started_at"), str(time.time()))
         try:
-            why = json.loads(_read(os.path.join(run_dir, supervisor.STATE), "{}") or "{}").get("reason")
-        except ValueError:
-            why = None
-        tail = (_read(os.path.join(run_dir, "supervisor.log"), "") or "").splitlines()[-5:]
-        module.fail_json(msg="%s: the run's supervisor did not start (exit %s): %s; nothing was started"
-                             % (host, proc.poll(), why or " | ".join(tail) or "no output"))
-    TIMES["supervisor_up"] = time.time()
-    time.sleep(0.5)
-    rc = _read(os.path.join(run_dir, "rc"))
-    if rc is not None:
-        tail = (_read(os.path.join(run_dir, "train.log"), "") or "").splitlines()[-10:]
-        module.fail_json(msg="%s: training exited at once (exit %s):\n%s" % (host, rc.strip(), "\n".join(tail)),
-                         run=_run_state(p["root"], p["run_id"]))
+            os.write(self.go_w, b"go\n")
+        except OSError:
+            pass  # it is gone: its answer below says so
+        os.close(self.go_w)
+        answer = self._answer(15)
+        if answer != "up":
+            try:
+                why = json.loads(_read(os.path.join(run_dir, supervisor.STATE), "{}") or "{}").get("reason")
+            except ValueError:
+                why = None
+            tail = (_read(os.path.join(run_dir, "supervisor.log"), "") or "").splitlines()[-5:]
+            module.fail_json(msg="%s: the run's supervisor did not start (exit %s): %s; nothing was started"
+                                 % (host, self.proc.poll(), why or " | ".join(tail) or answer or "no output"))
+        TIMES["supervisor_up"] = time.time()
+
+    def _answer(self, timeout):
+        """Its first line on the answer pipe: ``up`` once the ranks started, else why not ('' when it exited)."""
+        data, deadline = b"", time.time() + timeout
+        try:
+            while b"\n" not in data and time.time() < deadline:
+                ready, _w, _x = select.select([self.up_r], [], [], max(0.0, deadline - time.time()))
+                chunk = os.read(self.up_r, 4096) if ready else b""
+                if ready and not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(self.up_r)
+        return data.decode("utf-8", "replace").split("\n", 1)[0].strip()
 
 
 def _stop_or_report(module, p):

@@ -241,7 +241,8 @@ fallback:
   type: str
 timings:
   description: Where a start's time went on the node, epoch seconds; module (the module running), checked
-    and agreed (the one-wave launch's check and all-or-nothing answer), supervisor_up (the ranks start from it).
+    and agreed (the one-wave launch's check and all-or-nothing answer), written (the run's files written),
+    supervisor_up (the supervisor, spawned before the decision, told go: the ranks start from it).
   returned: state started
   type: dict
 """
@@ -267,7 +268,7 @@ from ansible_collections.llamafleet.cluster.plugins.module_utils.rules import Ha
 from ansible_collections.llamafleet.cluster.plugins.module_utils import supervisor
 
 # where a start's time goes on the node (epoch seconds, returned as ``timings``): this module running, its
-# check done, the all-or-nothing answer, the supervisor up (the ranks start from it)
+# check done, the all-or-nothing answer, the run's files written, the supervisor up (the ranks start from it)
 TIMES = {"module": time.time()}
 
 ACTIVE = "active"

@@ -52,6 +52,7 @@ class ActionModule(ActionBase):
             args.update(start_args(var), fast_digest=digest)
         result.update(self._execute_module(module_name="llamafleet.cluster.train", module_args=dict(args, state=state),
                                            task_vars=task_vars))
+        self._remove_tmp_path(self._connection._shell.tmpdir)  # without pipelining only (as the normal action)
         return result
 
 

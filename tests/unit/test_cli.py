@@ -74,6 +74,19 @@ def test_train_refuses_a_bad_job_name_before_anything_runs(job, tmp_path):
     assert (tmp_path / "state" / "keep").read_text() == "x" and not (tmp_path / "state" / "logs").exists()
 
 
+@pytest.mark.parametrize("setting, said", [
+    ("train_model_source=foo", "value of train_model_source must be one of: auto, controller, nodes, hub, got: foo"),
+    ("train_master_port=abc", "train_master_port"),
+])
+def test_a_role_setting_outside_its_argument_spec_is_refused_before_the_plan(job, tmp_path, setting, said):
+    """The train role's argument spec is checked by the plan action (no task of its own): same rules, same words."""
+    proc = _run("train", "-i", "inventory/local", str(job / "sft_lora.yaml"), "--dry-run", "--workdir",
+                str(job.parents[1]), "-e", setting, state=tmp_path / "state")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "Validation of arguments failed" in proc.stdout and said in proc.stdout, proc.stdout
+    assert "planned" not in proc.stdout and not (tmp_path / "state" / "runs").exists()
+
+
 RUNNING = RunStatus("r1", (NodeRun("a", "running", None, 10, ()), NodeRun("b", "running", None, 11, ())),
                     {"current_steps": 3, "total_steps": 10}, 1.0)
 

@@ -12,8 +12,10 @@ from ansible import constants as C
 from ansible import context
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.rolespec import role_spec_failure
 
 from llamafleet import fabric, launchplan
 from llamafleet.errors import LlamafleetError
@@ -28,6 +30,11 @@ class ActionModule(ActionBase):
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
+        # the train role's settings first (its argument spec; plan.yml is imported without the extra task)
+        failure = role_spec_failure(self._templar, task_vars, "train", "plan")
+        if failure:
+            result.update(failure)
+            return result
         a = self._task.args
         # the run id and the job name become directories on every node and on the controller (the rule of
         # roles/train/tasks/names.yml, which the other verbs run as a task of its own)
@@ -64,6 +71,8 @@ class ActionModule(ActionBase):
                               + "\n".join(f"- {p}" for p in exc.problems))
             return result
         result.update(changed=False, plan=plan.to_dict(), summary=plan.format(detail=bool(a.get("detail"))))
+        # the plan in the run's log and on the terminal of ansible-playbook (no task of its own: a launch pays each)
+        Display().display(result["summary"])
         if not boolean(a.get("detail", False)):
             result["supervisor_key"] = _new_key(state_dir(a["state_dir"]), plan.run_id)
             result["launched_by"] = "%s@%s" % (getpass.getuser(), socket.gethostname())

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.llamafleet.cluster.plugins.plugin_utils.project import state_dir
+from ansible_collections.llamafleet.cluster.plugins.plugin_utils.rolespec import role_spec_failure
 
 from llamafleet import inventory, lock
 from llamafleet.errors import LlamafleetError
@@ -17,6 +18,11 @@ class ActionModule(ActionBase):
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
+        # the llamafleet role's variables first (its argument spec; the role is imported without the extra task)
+        failure = role_spec_failure(self._templar, task_vars, "llamafleet", "main")
+        if failure:
+            result.update(failure)
+            return result
         args = self._task.args
         group = args.get("group", inventory.NODES_GROUP)
         hosts = list(task_vars["groups"].get(group, []))
@@ -54,8 +60,9 @@ class ActionModule(ActionBase):
         """The stack this run provisions or checks (the training one, or with ``serving`` set, that serving
         stack for the training flavor's nodes), and every serving stack those nodes can run, by name."""
         data = lock.load(args.get("lock_file") or None)
-        flavor = args.get("flavor") or "cpu"
+        # a name whatever the inventory holds (a list there gets the lock's "no such flavor" message, not a crash)
+        flavor = str(args.get("flavor") or "cpu")
         training = lock.resolve(data, flavor)
         servings = {n: lock.resolve_serving(data, n, flavor).to_dict() for n in lock.serving_names(data, flavor)}
-        serving = args.get("serving") or ""
+        serving = str(args.get("serving") or "")
         return (lock.resolve_serving(data, serving, flavor) if serving else training), servings

@@ -989,7 +989,7 @@ def _category(row: dict) -> str:
     if set(st) == {"skipped"}:
         return "skipped tasks (a worker per host even so)"
     if row["hosts"] == 1:
-        return "run_once tasks on the controller (validate, plan, show plan)"
+        return "run_once tasks on the controller (validate, plan)"
     return f"per-node task: {task[:60]}"
 
 

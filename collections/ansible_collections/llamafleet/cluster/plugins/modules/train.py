@@ -916,7 +916,8 @@ class _Supervisor:
         self.go_r, self.go_w = os.pipe()
         self.up_r, self.up_w = os.pipe()
         env = {k: v for k, v in os.environ.items() if k in supervisor.KEEP_ENV}
-        self.proc = subprocess.Popen([sys.executable, script, run_dir, "%d,%d" % (self.go_r, self.up_w)],
+        # -S: the supervisor is standard library only; no site-packages scan (~5 ms of each node's CPU per launch)
+        self.proc = subprocess.Popen([sys.executable, "-S", script, run_dir, "%d,%d" % (self.go_r, self.up_w)],
                                      cwd=p["root"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, pass_fds=(self.go_r, self.up_w),
                                      start_new_session=True)  # survives the SSH session
